@@ -1,0 +1,52 @@
+# Two user-facing targets: `make demo` and `make test`. Each creates .venv when
+# missing and installs the project into it (again only when setup.cfg changed).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUNS := runs
+DEMO := $(RUNS)/demo
+DEMO_WORKERS ?= 2
+
+.PHONY: demo test lint format install clean-demo
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
+	  || { echo "Set PYTHON=/path/to/python3.11 (found $$($(PYTHON) --version))" >&2; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP) lint
+	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/flake8 official_maskrcnn tfrecord_tools tests benchmarks
+	$(VENV)/bin/isort --check-only --diff official_maskrcnn tfrecord_tools tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/isort official_maskrcnn tfrecord_tools tests benchmarks
+	$(VENV)/bin/yapf --in-place --recursive official_maskrcnn tfrecord_tools tests benchmarks
+
+# The demo on the embedded synthetic data: generate -> convert -> verify -> summary.
+demo: $(STAMP)
+	$(PY) -m tfrecord_tools.make_synthetic_coco --output_dir $(DEMO)/coco --split train --num_images 256 --seed 1
+	$(PY) -m tfrecord_tools.make_synthetic_coco --output_dir $(DEMO)/coco --split val --num_images 64 --seed 2
+	$(PY) -m tfrecord_tools.create_coco_tfrecord --image_dir $(DEMO)/coco/train \
+	  --annotations_file $(DEMO)/coco/annotations/instances_train.json \
+	  --output_prefix $(DEMO)/tfrecords/train --num_shards 4 --num_workers $(DEMO_WORKERS)
+	$(PY) -m tfrecord_tools.create_coco_tfrecord --image_dir $(DEMO)/coco/val \
+	  --annotations_file $(DEMO)/coco/annotations/instances_val.json \
+	  --output_prefix $(DEMO)/tfrecords/val --num_shards 2 --num_workers $(DEMO_WORKERS)
+	$(PY) -m tfrecord_tools.verify_tfrecord --file_pattern '$(DEMO)/tfrecords/train-*' \
+	  --annotations_file $(DEMO)/coco/annotations/instances_train.json
+	$(PY) -m tfrecord_tools.verify_tfrecord --file_pattern '$(DEMO)/tfrecords/val-*' \
+	  --annotations_file $(DEMO)/coco/annotations/instances_val.json
+	@echo "Demo outputs are under $(DEMO)/ (COCO data in coco/, records and manifests in tfrecords/)."
+
+clean-demo:
+	rm -rf $(DEMO)
