@@ -1,0 +1,51 @@
+"""Instance masks: rasterising COCO segmentations and the PNG encoding stored in records.
+
+A record stores each instance mask as an 8-bit grayscale PNG at the full image resolution with
+values 0 (background) and 1 (object), like Model Garden's converter; decoders treat any value > 0
+as the object.
+"""
+
+import io
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+# zlib level of the mask PNGs. Binary masks compress to a few hundred bytes at any level; level 1
+# is several times faster to encode than PIL's default 6 and the records are < 1 % larger.
+PNG_COMPRESS_LEVEL = 1
+
+
+def segmentation_to_rle(segmentation, height, width):
+    """A cleaned COCO segmentation (polygon list or RLE dict) -> one compressed RLE.
+
+    Same reading as pycocotools' `COCO.annToRLE`: polygon parts are merged into one region,
+    uncompressed RLE is compressed, compressed RLE is used as is.
+    """
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    rle = dict(segmentation)
+    if isinstance(rle["counts"], str):
+        rle["counts"] = rle["counts"].encode("ascii")
+    return rle
+
+
+def rasterize(segmentation, height, width):
+    """-> uint8 mask [height, width] with values 0/1."""
+    return mask_utils.decode(segmentation_to_rle(segmentation, height, width))
+
+
+def encode_png(mask):
+    """uint8 mask [height, width] of 0/1 -> PNG bytes (8-bit grayscale)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L").save(
+        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def decode_png(png_bytes):
+    """PNG bytes -> uint8 mask [height, width] of 0/1 (any value > 0 counts as the object)."""
+    with Image.open(io.BytesIO(png_bytes)) as image:
+        return (np.asarray(image.convert("L")) > 0).astype(np.uint8)
