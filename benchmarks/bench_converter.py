@@ -186,20 +186,28 @@ def process_tree(pid):
     return tree
 
 
-def tree_rss(pid):
+def tree_rss(pid, stable=None):
     """Samples memory (KiB) of ``pid`` and its descendants.
 
     Returns a dict with ``tree_rss`` (sum of VmRSS), ``tree_anon`` (sum of RssAnon),
-    ``main_rss`` and ``main_hwm`` (VmRSS and VmHWM of ``pid`` alone) and ``processes``.
+    ``main_rss`` and ``main_hwm`` (VmRSS and VmHWM of ``pid`` alone), ``processes`` (how many
+    were summed) and ``pids`` (all descendants seen, summed or not). If ``stable`` (a set of
+    pids) is given, only descendants in it are summed: the sampler passes the pids of the
+    previous sample, so a child counts once it has lived ~20 ms. This drops the microseconds
+    between vfork() and exec() of a helper (e.g. ``uname -p`` run while TensorFlow imports),
+    during which the child reports its parent's whole VmRSS and would double the sum.
     """
     tree = process_tree(pid)
-    statuses = [read_status_kib(member) for member in tree]
+    summed = [member for member in tree[1:] if stable is None or member in stable]
+    main = read_status_kib(pid)
+    statuses = [main] + [read_status_kib(member) for member in summed]
     return {
         "tree_rss": sum(status["VmRSS"] for status in statuses),
         "tree_anon": sum(status["RssAnon"] for status in statuses),
-        "main_rss": statuses[0]["VmRSS"],
-        "main_hwm": statuses[0]["VmHWM"],
-        "processes": len(tree),
+        "main_rss": main["VmRSS"],
+        "main_hwm": main["VmHWM"],
+        "processes": len(statuses),
+        "pids": set(tree[1:]),
     }
 
 
@@ -216,8 +224,10 @@ class MemorySampler(threading.Thread):
 
     def run(self):
         """Samples until :meth:`stop` is called."""
+        previous = set()
         while not self.stop_event.is_set():
-            sample = tree_rss(self.pid)
+            sample = tree_rss(self.pid, stable=previous)
+            previous = sample.pop("pids")
             for key, value in sample.items():
                 self.peak[key] = max(self.peak[key], value)
             self.samples += 1

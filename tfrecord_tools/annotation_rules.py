@@ -1,17 +1,17 @@
 """Per-annotation geometry rules, shared by the converter and the verifier.
 
 Rules, in the order applied (each skip or change is counted in a `Tally` under the reason named):
-  1. `bbox` must be 4 finite numbers [x, y, w, h]      else skip  `annotation_bbox_malformed`
-  2. the box [x, y, x + w, y + h] is clipped to the image [0, width] x [0, height]; if that changes
-     it by more than CLIP_TOLERANCE pixels                 count     `annotation_box_clipped`
-  3. a clipped box with zero width or height                skip      `annotation_box_degenerate`
-  4. polygons: parts that are not lists of >= 3 finite (x, y) points are dropped
-                                                            count     `annotation_polygon_part_dropped`
-     RLE: `size` must equal [height, width] and uncompressed `counts` must sum to height * width
-     no usable polygon part left, or a bad RLE              skip      `annotation_segmentation_invalid`
-  5. (in `masks`, after rasterising) an all-zero mask       skip      `annotation_mask_empty`
-  6. `area` that is missing or not a finite number >= 0 is recomputed from the mask
-                                                            count     `annotation_area_from_mask`
+  1. `bbox` must be 4 finite numbers [x, y, w, h]; else skip (`annotation_bbox_malformed`).
+  2. The box [x, y, x + w, y + h] is clipped to the image [0, width] x [0, height]; a change of
+     more than CLIP_TOLERANCE pixels is counted (`annotation_box_clipped`).
+  3. A clipped box with zero width or height is skipped (`annotation_box_degenerate`).
+  4. Polygon parts that are not lists of >= 3 finite (x, y) points are dropped and counted
+     (`annotation_polygon_part_dropped`); an RLE must have `size` == [height, width] and, if
+     uncompressed, counts summing to height * width. No usable polygon part left, or a bad RLE:
+     skip (`annotation_segmentation_invalid`).
+  5. (In `image_worker`, after rasterising) an all-zero mask is skipped (`annotation_mask_empty`).
+  6. An `area` that is missing or not a finite number >= 0 is recomputed from the mask and
+     counted (`annotation_area_from_mask`).
 Dropping short polygon parts matters beyond tidiness: pycocotools' `frPyObjects` decides how to
 read a polygon list from the length of its first part, and rasterises a 2-point part (4 numbers)
 as a *box*, silently.

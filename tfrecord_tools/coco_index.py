@@ -116,7 +116,8 @@ def load_coco_index(path):
     images, annotations_by_image = [], {}
     for image in data["images"]:
         if not _valid_image_entry(image):
-            tally.add(tally_lib.IMAGE_MALFORMED, image.get("id") if isinstance(image, dict) else None)
+            image_id = image.get("id") if isinstance(image, dict) else None
+            tally.add(tally_lib.IMAGE_MALFORMED, image_id)
         elif image["id"] in annotations_by_image:
             tally.add(tally_lib.IMAGE_DUPLICATE_ID, image["id"])
         else:

@@ -66,7 +66,8 @@ def convert(image_dir, annotations_file, output_prefix, num_shards, num_workers,
         for done, result in enumerate(
                 parallel.ordered_map(image_worker.process_image, tasks, num_workers), start=1):
             tally.merge(result.tally)
-            if result.skip_message and tally.total(tally_lib.IMAGE_SKIP_REASONS) <= MAX_SKIP_WARNINGS:
+            num_image_skips = tally.total(tally_lib.IMAGE_SKIP_REASONS)
+            if result.skip_message and num_image_skips <= MAX_SKIP_WARNINGS:
                 print(f"warning: skipped image {result.image_id}: {result.skip_message}",
                       file=progress.stream)
             if result.features is not None:
@@ -128,7 +129,7 @@ def summary_lines(manifest):
         f"({manifest['images_without_annotations_written']} without annotations)",
         f"annotations written: {manifest['annotations_written']} of "
         f"{manifest['annotations_in_json']} ({manifest['crowd_annotations_written']} crowd)",
-        f"classes:             {len(manifest['label_map'])} (labels 1..{len(manifest['label_map'])})",
+        f"classes:             {len(manifest['label_map'])} (labels 1..K)",
         f"shards:              {manifest['num_shards']} "
         f"({sum(s['records'] for s in manifest['shards'])} records)",
     ]

@@ -11,13 +11,13 @@ annotations has them all present and empty.
 | image/filename                       | bytes  | file_name from the JSON                          |
 | image/key/sha256                     | bytes  | hex sha256 of image/encoded                      |
 | image/height, image/width            | int64  | pixels                                           |
-| image/object/bbox/{ymin,xmin,ymax,xmax} | float | box clipped to the image, normalised to [0, 1]  |
+| image/object/bbox/{ymin,xmin,ymax,xmax} | float | box clipped to the image, in [0, 1]   |
 | image/object/class/label             | int64  | contiguous label 1..K (manifest's label_map)     |
 | image/object/class/text              | bytes  | category name                                    |
 | image/object/is_crowd                | int64  | 0 or 1                                           |
 | image/object/area                    | float  | COCO area (pixels), or mask area if missing      |
 | image/object/mask                    | bytes  | PNG, 8-bit, 0/1, full image resolution           |
-| image/object/annotation_id           | int64  | COCO annotation id (ours; ignored by other readers) |
+| image/object/annotation_id           | int64  | COCO annotation id (ours; others ignore it)      |
 This module holds plain Python only (no TensorFlow), so worker processes can import it cheaply.
 """
 

@@ -7,7 +7,8 @@ Rules (reasons as in `tally`):
     (the annotations are in the JSON's pixel frame, so they would not fit the pixels)
   - an RGB JPEG is stored byte for byte, unchanged
   - grayscale, CMYK, palette or other modes, and non-JPEG formats (e.g. PNG) are converted to RGB
-    and re-encoded as JPEG at quality JPEG_QUALITY   count    `image_*_to_rgb` / `image_reencoded_as_jpeg`
+    and re-encoded as JPEG at quality JPEG_QUALITY   count    `image_*_to_rgb`,
+                                                              `image_reencoded_as_jpeg`
 EXIF orientation is ignored on purpose: COCO annotations refer to the stored pixel grid, and so
 does TensorFlow's `decode_jpeg`.
 """
@@ -86,4 +87,3 @@ def encode_jpeg(rgb_image):
     buffer = io.BytesIO()
     rgb_image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
-

@@ -126,7 +126,8 @@ def write_broken_coco(root):
         },
         "skipped_annotations": {
             T.ANNOTATION_BOX_DEGENERATE: [103], T.ANNOTATION_BBOX_MALFORMED: [104],
-            T.ANNOTATION_SEGMENTATION_INVALID: [106, 107, 111], T.ANNOTATION_UNKNOWN_CATEGORY: [108],
+            T.ANNOTATION_SEGMENTATION_INVALID: [106, 107, 111],
+            T.ANNOTATION_UNKNOWN_CATEGORY: [108],
             T.ANNOTATION_DUPLICATE_ID: [101], T.ANNOTATION_MASK_EMPTY: [112],
             T.ANNOTATION_UNKNOWN_IMAGE: [114], T.ANNOTATION_MALFORMED: ["x"],
             T.ANNOTATIONS_OF_SKIPPED_IMAGE: [701, 801, 1001],
@@ -139,4 +140,3 @@ def write_broken_coco(root):
         },
     }
     return image_dir, annotations_file, expected
-

@@ -15,9 +15,14 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from tests.tfrecord_tools import broken_coco
-from tfrecord_tools import conversion, create_coco_tfrecord, image_worker, make_synthetic_coco
-from tfrecord_tools import tf_example, verify_tfrecord
-from tfrecord_tools.coco_index import ConversionError
+from tfrecord_tools import (
+    conversion,
+    create_coco_tfrecord,
+    image_worker,
+    make_synthetic_coco,
+    tf_example,
+    verify_tfrecord,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COCO128 = os.path.join(REPO, "..", "shared", "data", "coco128")
