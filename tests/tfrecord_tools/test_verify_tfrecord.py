@@ -120,7 +120,8 @@ class VerifyTamperTest(tf.test.TestCase):
             self.first_with_objects(records)["image/object/bbox/ymax"][0] = np.float32(0.0)
             return records
         tampered = self.tampered_copy(edit)
-        with mock.patch("sys.stderr", io.StringIO()) as err, mock.patch("sys.stdout", io.StringIO()):
+        quiet_stdout = mock.patch("sys.stdout", io.StringIO())
+        with mock.patch("sys.stderr", io.StringIO()) as err, quiet_stdout:
             self.assertEqual(verify_tfrecord.main(argv + [tampered + "-*"]), 1)
         self.assertIn("FAILED", err.getvalue())
 
@@ -128,10 +129,10 @@ class VerifyTamperTest(tf.test.TestCase):
             self.assertEqual(verify_tfrecord.main(argv + [prefix + "-nothing-*"]), 2)
         self.assertIn("matches no file", err.getvalue())
 
-        not_a_record = os.path.join(self.create_tempdir().full_path, "junk-00000-of-00001.tfrecord")
+        not_a_record = os.path.join(self.create_tempdir().full_path, "j-00000-of-00001.tfrecord")
         with open(not_a_record, "wb") as f:
             f.write(b"definitely not a TFRecord file, just some text bytes")
-        with mock.patch("sys.stderr", io.StringIO()) as err, mock.patch("sys.stdout", io.StringIO()):
+        with mock.patch("sys.stderr", io.StringIO()) as err, quiet_stdout:
             self.assertEqual(verify_tfrecord.main(argv + [not_a_record]), 2)
         self.assertIn("not a valid TFRecord file", err.getvalue())
 
