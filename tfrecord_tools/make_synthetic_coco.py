@@ -55,6 +55,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from tfrecord_tools.progress import Progress
+
 CATEGORIES = (
     {"id": 3, "name": "rectangle", "supercategory": "shape"},
     {"id": 7, "name": "ellipse", "supercategory": "shape"},
@@ -416,12 +418,15 @@ def make_image_and_annotations(rng, height, width, *, empty=False, grayscale=Fal
 # Files.
 
 
-def generate_split(output_dir, split, num_images, image_size=256, seed=0, progress=None):
+def generate_split(output_dir, split, num_images, image_size=256, seed=0, progress_stream=None):
     """Writes `output_dir/split/*.jpg` and `output_dir/annotations/instances_<split>.json`.
 
     The JSON is written last, through a temporary file, so a partial run never leaves a JSON
-    naming images that do not exist. Returns the COCO dict that was written.
+    naming images that do not exist. A progress line goes to `progress_stream` if given.
+    Returns the COCO dict that was written.
     """
+    progress = progress_stream and Progress(num_images, label="make_synthetic_coco",
+                                            stream=progress_stream)
     image_dir = os.path.join(output_dir, split)
     annotation_dir = os.path.join(output_dir, "annotations")
     os.makedirs(image_dir, exist_ok=True)
@@ -439,8 +444,10 @@ def generate_split(output_dir, split, num_images, image_size=256, seed=0, progre
         for annotation in result["annotations"]:
             annotations.append({"id": len(annotations) + 1, "image_id": plan["id"],
                                 **annotation})
-        if progress and (count % max(1, num_images // 10) == 0 or count == num_images):
-            progress(f"make_synthetic_coco: {count}/{num_images} images written to {image_dir}")
+        if progress:
+            progress.update(count)
+    if progress:
+        progress.finish()
     coco = {
         "info": {
             "description": "Synthetic shapes (tfrecord_tools.make_synthetic_coco)",
@@ -489,18 +496,15 @@ def _parse_args(argv):
 def main(argv=None):
     """Command-line entry point; returns the process exit code."""
     args = _parse_args(argv)
-
-    def progress(line):
-        print(line, file=sys.stderr, flush=True)
-
     coco = generate_split(args.output_dir, args.split, args.num_images, args.image_size,
-                          args.seed, progress=progress)
+                          args.seed, progress_stream=sys.stderr)
     annotations = coco["annotations"]
-    progress(f"make_synthetic_coco: {len(coco['images'])} images, {len(annotations)} annotations "
-             f"({sum(a['iscrowd'] for a in annotations)} crowd, "
-             f"{sum(not a['iscrowd'] and len(a['segmentation']) > 1 for a in annotations)} "
-             f"multi-polygon) -> "
-             f"{os.path.join(args.output_dir, 'annotations', f'instances_{args.split}.json')}")
+    print(f"make_synthetic_coco: {len(coco['images'])} images, {len(annotations)} annotations "
+          f"({sum(a['iscrowd'] for a in annotations)} crowd, "
+          f"{sum(not a['iscrowd'] and len(a['segmentation']) > 1 for a in annotations)} "
+          f"multi-polygon) -> {os.path.join(args.output_dir, args.split)} and "
+          f"{os.path.join(args.output_dir, 'annotations', f'instances_{args.split}.json')}",
+          file=sys.stderr)
     return 0
 
 
