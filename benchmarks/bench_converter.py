@@ -21,9 +21,11 @@ both converters. Per run it records:
 * wall seconds: ``time.perf_counter()`` around the whole process;
 * peak tree RSS: the maximum over time of the SUM of VmRSS of the process and all of its
   descendants, sampled from ``/proc`` every ~20 ms (children found through
-  ``/proc/<pid>/task/*/children``). Pages shared between processes (TensorFlow's shared
-  libraries, copy-on-write pages after ``fork``) are counted once per process, so this
-  over-states physical memory for multi-process runs; the sum of RssAnon is recorded too;
+  ``/proc/<pid>/task/*/children``; a child is summed once seen in two consecutive samples, so
+  a helper caught between vfork() and exec() is not counted as a copy of its parent). Pages
+  shared between processes (TensorFlow's shared libraries, copy-on-write pages after
+  ``fork``) are counted once per process, so this over-states physical memory for
+  multi-process runs; the sum of RssAnon is recorded too;
 * peak main RSS: the main process alone (kernel high-water mark VmHWM, read at each sample);
 * images/s: records written / wall seconds. Records are counted after timing (not timed) with
   ``tf.data.TFRecordDataset`` in a separate process, and must equal the number of images in
@@ -56,7 +58,7 @@ import threading
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.join(REPO_ROOT, "..", "shared", "data", "coco128")
+DEFAULT_DATA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "coco128"))
 DEFAULT_IMAGE_DIR = os.path.join(DEFAULT_DATA, "train2017")
 DEFAULT_ANNOTATIONS = os.path.join(DEFAULT_DATA, "annotations", "instances_train2017.json")
 
@@ -326,13 +328,21 @@ def write_scaled_annotations(annotations_file, scale, output_path):
 
 
 def warm_page_cache(image_dir, annotations_file):
-    """Reads every image named by the annotations once, untimed, so no run pays cold reads."""
+    """Reads every image named by the annotations once, untimed, so no run pays cold reads.
+
+    Best effort: a missing image is left for the converters to report. Returns how many were read.
+    """
     coco = load_json(annotations_file)
+    read = 0
     for name in sorted({image["file_name"] for image in coco["images"]}):
-        with open(os.path.join(image_dir, name), "rb") as handle:
-            while handle.read(1 << 20):
-                pass
-    return len(coco["images"])
+        try:
+            with open(os.path.join(image_dir, name), "rb") as handle:
+                while handle.read(1 << 20):
+                    pass
+            read += 1
+        except OSError:
+            continue
+    return read
 
 
 def ours_command(python, image_dir, annotations_file, prefix, num_shards, workers):
@@ -414,7 +424,7 @@ def count_records(python, shard_files):
     return int(result.stdout.strip().splitlines()[-1])
 
 
-def run_variant(variant, python, expected, timeout):
+def run_variant(variant, python, expected, num_shards, timeout):
     """Runs one configuration once: measure, then count its records and delete its output."""
     run_dir = os.path.dirname(variant["prefix"])
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -422,6 +432,8 @@ def run_variant(variant, python, expected, timeout):
     log_dir = tempfile.mkdtemp(prefix="bench_logs_")
     try:
         result = run_and_measure(variant["cmd"], timeout=timeout, log_dir=log_dir)
+    except OSError as err:
+        raise BenchmarkError(f"{variant['name']} could not start: {err}") from err
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
     if result["returncode"] != 0:
@@ -433,6 +445,11 @@ def run_variant(variant, python, expected, timeout):
     if not shards:
         raise BenchmarkError(f"{variant['name']} wrote no shards matching {variant['prefix']}-*")
     result["shards"] = len(shards)
+    if len(shards) != num_shards:
+        print(
+            f"WARNING: {variant['name']} wrote {len(shards)} shards, not {num_shards}",
+            file=sys.stderr,
+        )
     result["output_mib"] = sum(os.path.getsize(shard) for shard in shards) / 2.0**20
     result["records"] = count_records(python, shards)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -453,7 +470,7 @@ def run_all(variants, args, python, expected):
             if repeat % 2:
                 group.reverse()
             for variant in group:
-                result = run_variant(variant, python, expected, args.timeout)
+                result = run_variant(variant, python, expected, args.num_shards, args.timeout)
                 runs[variant["name"]].append(result)
                 print(
                     f"[{repeat + 1}/{args.repeats}] {variant['name']:<10} "
@@ -667,6 +684,8 @@ def main(argv=None):
     os.makedirs(output_dir, exist_ok=True)
     output_dir = os.path.abspath(output_dir)
     try:
+        if not os.path.isdir(args.image_dir) or not os.path.isfile(args.annotations_file):
+            raise BenchmarkError(f"missing input: {args.image_dir} or {args.annotations_file}")
         paths = prepare_paths(args, output_dir)
         warm_page_cache(args.image_dir, args.annotations_file)
         variants = build_variants(args, paths)
