@@ -11,9 +11,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-# zlib's run-length strategy suits binary masks: on coco128's masks it encodes ~1.6x faster than
-# the default strategy at level 6 (1.05 vs 1.73 ms per mask) and the PNGs are smaller (767 vs 841
-# bytes on average).
+# zlib's run-length strategy suits binary masks. On coco128's 939 masks (median of 5 passes): 1.40
+# ms and 828 bytes per mask, against 2.22 ms and 914 bytes for the default strategy at PIL's
+# default level 6, and 1.27 ms but 2085 bytes at level 1.
 PNG_ZLIB_STRATEGY_RLE = 3  # zlib's Z_RLE
 
 
