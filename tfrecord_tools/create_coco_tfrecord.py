@@ -9,11 +9,13 @@ Writes PREFIX-00000-of-00256.tfrecord ... (one tf.train.Example per image, layou
 `tfrecord_tools.features`) and PREFIX.manifest.json (counts, skips and conversions by reason, the
 label map, each shard's record count and sha256). The rules for bad input are in `coco_index`,
 `image_codec` and `annotation_rules`; the README lists them. Exit codes: 0 success, 2 the input
-or the flags are unusable (one message on stderr, nothing written).
+or the flags are unusable (one message on stderr, nothing written), 130 interrupted by Ctrl-C or
+SIGTERM (the partial output is removed).
 """
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -40,6 +42,9 @@ def main(argv=None):
     from tfrecord_tools import conversion
     from tfrecord_tools.coco_index import ConversionError
 
+    # A SIGTERM (a scheduler's preemption, `kill`) cleans up like Ctrl-C instead of leaving the
+    # temporary folder behind.
+    previous_sigterm_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         manifest = conversion.convert(
             image_dir=args.image_dir, annotations_file=args.annotations_file,
@@ -49,10 +54,20 @@ def main(argv=None):
     except ConversionError as e:
         print(f"create_coco_tfrecord: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ncreate_coco_tfrecord: interrupted; the partial output was removed, no shard was "
+              "written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm_handler)
     for line in conversion.summary_lines(manifest):
         print(line)
     print(f"manifest: {os.path.abspath(args.output_prefix)}.manifest.json")
     return 0
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

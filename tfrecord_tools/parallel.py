@@ -3,6 +3,7 @@
 import collections
 import concurrent.futures
 import multiprocessing
+import signal
 
 
 def ordered_map(fn, items, num_workers, max_in_flight=None):
@@ -25,7 +26,8 @@ def ordered_map(fn, items, num_workers, max_in_flight=None):
         return
     max_in_flight = max_in_flight or 4 * num_workers
     pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"))
+        max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_ignore_interrupts)
     pending = collections.deque()
     try:
         for item in items:
@@ -36,3 +38,8 @@ def ordered_map(fn, items, num_workers, max_in_flight=None):
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_interrupts():
+    """Ctrl-C reaches the whole process group; only the parent should act on it (and clean up)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

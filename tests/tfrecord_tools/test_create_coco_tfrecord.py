@@ -300,6 +300,16 @@ class FatalErrorTest(tf.test.TestCase):
         self.assertIn("another shard count already exist", stderr)
         self.assertLen(glob.glob(os.path.join(self.tmp, "out", "x-*")), 3)
 
+    def test_interrupt_exits_130_and_leaves_no_shards(self):
+        self.write_json({"images": [{"id": i, "file_name": "a.jpg", "height": 8, "width": 8}
+                                    for i in range(1, 4)],
+                         "annotations": [], "categories": [{"id": 1, "name": "a"}]})
+        with mock.patch.object(image_worker, "process_image", side_effect=KeyboardInterrupt):
+            code, stderr = self.run_cli()
+        self.assertEqual(code, 130)
+        self.assertIn("interrupted; the partial output was removed", stderr)
+        self.assertEqual(os.listdir(os.path.join(self.tmp, "out")), [])
+
     def test_crash_mid_conversion_leaves_no_shards(self):
         self.write_json({"images": [{"id": i, "file_name": "a.jpg", "height": 8, "width": 8}
                                     for i in range(1, 6)],

@@ -1,6 +1,7 @@
 """Unit tests of the converter's rules and helpers, against hand-computed values."""
 
 import io
+import operator
 import os
 
 import numpy as np
@@ -152,18 +153,15 @@ class ImageCodecTest(tf.test.TestCase):
             self.assertIn(path, str(raised.exception))
 
 
-def _square_of(x):
-    return x * x
-
-
 class HelpersTest(tf.test.TestCase):
 
     def test_ordered_map_keeps_order_in_and_out_of_process(self):
+        # A builtin as the work: spawned workers then need not import this (TensorFlow) module.
         items = list(range(40))
-        want = [x * x for x in items]
-        self.assertEqual(list(parallel.ordered_map(_square_of, iter(items), 1)), want)
-        self.assertEqual(list(parallel.ordered_map(_square_of, iter(items), 2, max_in_flight=3)),
-                         want)
+        want = [-x for x in items]
+        self.assertEqual(list(parallel.ordered_map(operator.neg, iter(items), 1)), want)
+        self.assertEqual(list(parallel.ordered_map(operator.neg, iter(items), 2,
+                                                   max_in_flight=3)), want)
 
     def test_ordered_map_bounds_items_in_flight(self):
         pulled = []
@@ -173,7 +171,7 @@ class HelpersTest(tf.test.TestCase):
                 pulled.append(i)
                 yield i
 
-        results = parallel.ordered_map(_square_of, items(), 2, max_in_flight=4)
+        results = parallel.ordered_map(operator.neg, items(), 2, max_in_flight=4)
         self.assertEqual(next(results), 0)
         self.assertLessEqual(len(pulled), 4)
         results.close()
