@@ -132,40 +132,52 @@ def check_record(record, path, index, coco, seen_ids, report):
         report.fail(f"{where}: per-object lists differ in length: {lengths}")
         return 0
 
-    expected = {}  # annotation id -> (cleaned annotation, mask) of what must be written
-    for annotation in index.annotations_by_image[image_id]:
-        clean = annotation_rules.clean_annotation(annotation, height, width, tally_lib.Tally())
-        if clean is None:
-            continue
-        mask = coco.annToMask({**annotation, "segmentation": clean.segmentation})
-        if mask.any():
-            expected[clean.annotation_id] = (clean, mask)
-    label_of = index.label_of_coco_id
+    expected = expected_objects(index.annotations_by_image[image_id], coco, height, width)
     for i, annotation_id in enumerate(record[F.ANNOTATION_ID]):
         what = f"{where}, annotation {annotation_id}"
         if annotation_id not in expected:
             report.fail(f"{what}: not a kept annotation of this image in the JSON")
             continue
         clean, mask = expected.pop(annotation_id)
-        xmin, ymin, xmax, ymax = clean.box_xyxy
-        want = (ymin / height, xmin / width, ymax / height, xmax / width)
-        got = tuple(record[key][i] for key in (F.YMIN, F.XMIN, F.YMAX, F.XMAX))
-        if max(abs(a - b) for a, b in zip(want, got)) > BOX_TOLERANCE:
-            report.fail(f"{what}: box (ymin, xmin, ymax, xmax) {got}, JSON gives {want}")
-        if record[F.LABEL][i] != label_of[clean.category_id]:
-            report.fail(f"{what}: label {record[F.LABEL][i]}, expected "
-                        f"{label_of[clean.category_id]} for COCO category {clean.category_id}")
-        if record[F.IS_CROWD][i] != clean.is_crowd:
-            report.fail(f"{what}: is_crowd {record[F.IS_CROWD][i]}, JSON {clean.is_crowd}")
-        decoded_mask = masks.decode_png(record[F.MASK][i])
-        if decoded_mask.shape != mask.shape:
-            report.fail(f"{what}: mask shape {decoded_mask.shape}, expected {mask.shape}")
-        elif (decoded_mask != mask).any():
-            report.fail(f"{what}: mask differs from pycocotools annToMask in "
-                        f"{int((decoded_mask != mask).sum())} pixel(s)")
+        check_object(record, i, clean, mask, index.label_of_coco_id, what, report)
     for annotation_id in expected:
         report.fail(f"{where}: annotation {annotation_id} passes the rules but is missing")
     return len(record[F.ANNOTATION_ID])
+
+
+def expected_objects(annotations, coco, height, width):
+    """{annotation id: (CleanAnnotation, annToMask mask)} of the annotations that must be kept."""
+    expected = {}
+    for annotation in annotations:
+        clean = annotation_rules.clean_annotation(annotation, height, width, tally_lib.Tally())
+        if clean is None:
+            continue
+        mask = coco.annToMask({**annotation, "segmentation": clean.segmentation})
+        if mask.any():
+            expected[clean.annotation_id] = (clean, mask)
+    return expected
+
+
+def check_object(record, i, clean, mask, label_of_coco_id, what, report):
+    """Object `i` of the record against its cleaned JSON annotation and pycocotools mask."""
+    height, width = mask.shape
+    xmin, ymin, xmax, ymax = clean.box_xyxy
+    want = (ymin / height, xmin / width, ymax / height, xmax / width)
+    got = tuple(record[key][i] for key in (F.YMIN, F.XMIN, F.YMAX, F.XMAX))
+    if max(abs(a - b) for a, b in zip(want, got)) > BOX_TOLERANCE:
+        report.fail(f"{what}: box (ymin, xmin, ymax, xmax) {got}, JSON gives {want}")
+    want_label = label_of_coco_id[clean.category_id]
+    if record[F.LABEL][i] != want_label:
+        report.fail(f"{what}: label {record[F.LABEL][i]}, expected {want_label} for COCO "
+                    f"category {clean.category_id}")
+    if record[F.IS_CROWD][i] != clean.is_crowd:
+        report.fail(f"{what}: is_crowd {record[F.IS_CROWD][i]}, JSON {clean.is_crowd}")
+    decoded_mask = masks.decode_png(record[F.MASK][i])
+    if decoded_mask.shape != mask.shape:
+        report.fail(f"{what}: mask shape {decoded_mask.shape}, expected {mask.shape}")
+    elif (decoded_mask != mask).any():
+        report.fail(f"{what}: mask differs from pycocotools annToMask in "
+                    f"{int((decoded_mask != mask).sum())} pixel(s)")
 
 
 def verify(file_pattern, annotations_file, manifest_file=None, max_reports=20, out=sys.stdout):
