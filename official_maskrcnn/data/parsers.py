@@ -1,0 +1,145 @@
+"""Train and eval parsers: a parsed record -> the model's fixed-shape inputs.
+
+Shape legend: Hp, Wp padded image size (one per orientation group); I = max_instances;
+M = mask_size. Classes are contiguous labels 1..K; 0 (background) never appears here.
+
+Train output:
+  images:      [Hp, Wp, 3] float32, normalised (see preprocess_ops.normalize_image), zero padded
+               bottom/right after normalisation, as the reference pads its batches.
+  image_size:  [2] int32 (h, w) of the resized image inside the padding (for border anchors).
+  gt_boxes:    [I, 4] float32 [ymin, xmin, ymax, xmax] pixels of the resized (and flipped)
+               image, reference (inclusive) corners; padded with -1.
+  gt_classes:  [I] int32, padded with -1.
+  gt_masks:    [I, M, M] float32 in [0, 1]: the instance mask resampled over its gt box
+               (box-aligned crop, bin centres, bilinear), flipped with the image; padded with -1.
+  source_id:   [] int64.
+Eval output: images, image_size, original_size [2] int32 (H, W), scale [2] float32
+  (h / H, w / W) to map boxes back to the original image, source_id, is_valid [] bool (True).
+"""
+
+import tensorflow as tf
+
+from official_maskrcnn.data import decoder
+from official_maskrcnn.data import preprocess_ops as ops
+
+PAD_VALUE = -1
+
+
+def trainable_instances(parsed, legacy_plus_one=True):
+    """[N] bool: instances training keeps (not crowd, box non-empty after the reference's clip).
+
+    An image with none of them is dropped from training, as the reference drops images without
+    a usable annotation.
+    """
+    _, valid = ops.normalized_to_reference_boxes(
+        parsed["boxes_normalized"], parsed["height"], parsed["width"], legacy_plus_one)
+    return tf.logical_and(tf.logical_not(parsed["is_crowd"]), valid)
+
+
+def is_portrait(parsed):
+    """The reference's aspect grouping: height / width >= 1 goes to the portrait group."""
+    return parsed["height"] >= parsed["width"]
+
+
+class _ResizePadMixin:
+    """Resize to the reference size and pad into the orientation group's static shape."""
+
+    def _resize_and_pad(self, image, height, width, portrait):
+        new_h, new_w = ops.reference_output_size(height, width, self.min_size, self.max_size)
+        landscape_hw = ops.padded_image_size(self.min_size, self.max_size,
+                                             self.size_divisibility, portrait=False)
+        portrait_hw = ops.padded_image_size(self.min_size, self.max_size,
+                                            self.size_divisibility, portrait=True)
+        pad_h = tf.where(portrait, portrait_hw[0], landscape_hw[0])
+        pad_w = tf.where(portrait, portrait_hw[1], landscape_hw[1])
+        # Extreme aspect ratios (> ~20:1) can exceed the padded side by the reference's
+        # truncation; clamp rather than fail (a documented, negligible deviation).
+        new_h, new_w = tf.minimum(new_h, pad_h), tf.minimum(new_w, pad_w)
+        resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]),
+                                  method="bilinear", antialias=True)
+        return resized, new_h, new_w, pad_h, pad_w
+
+    def _finish_image(self, resized, pad_h, pad_w):
+        normalized = ops.normalize_image(resized, self.pixel_mode)
+        padded = tf.image.pad_to_bounding_box(normalized, 0, 0, pad_h, pad_w)
+        return tf.ensure_shape(padded, [None, None, 3])
+
+
+class TrainParser(_ResizePadMixin):
+    """Callable: (parsed record, per-element stateless seed [2]) -> train output dict."""
+
+    def __init__(self, min_size=800, max_size=1333, size_divisibility=32, flip_probability=0.5,
+                 pixel_mode="bgr_caffe", max_instances=100, mask_size=112, include_masks=True,
+                 legacy_plus_one=True):
+        if pixel_mode not in ops.PIXEL_MODES:
+            raise ValueError(f"pixel_mode must be one of {ops.PIXEL_MODES}, got {pixel_mode!r}")
+        self.min_size, self.max_size = min_size, max_size
+        self.size_divisibility = size_divisibility
+        self.flip_probability = flip_probability
+        self.pixel_mode = pixel_mode
+        self.max_instances = max_instances
+        self.mask_size = mask_size
+        self.include_masks = include_masks
+        self.legacy_plus_one = legacy_plus_one
+
+    def __call__(self, parsed, seed):
+        keep = trainable_instances(parsed, self.legacy_plus_one)
+        boxes, _ = ops.normalized_to_reference_boxes(
+            parsed["boxes_normalized"], parsed["height"], parsed["width"], self.legacy_plus_one)
+        boxes = tf.boolean_mask(boxes, keep)
+        classes = tf.boolean_mask(parsed["classes"], keep)
+
+        image = decoder.decode_image(parsed["encoded_image"])
+        resized, new_h, new_w, pad_h, pad_w = self._resize_and_pad(
+            image, parsed["height"], parsed["width"], is_portrait(parsed))
+        scale_y = tf.cast(new_h, tf.float32) / tf.cast(parsed["height"], tf.float32)
+        scale_x = tf.cast(new_w, tf.float32) / tf.cast(parsed["width"], tf.float32)
+        gt_boxes = ops.resize_boxes(boxes, scale_y, scale_x)
+
+        flip = tf.random.stateless_uniform([], seed=seed) < self.flip_probability
+        resized = tf.cond(flip, lambda: resized[:, ::-1, :], lambda: resized)
+        gt_boxes = tf.cond(
+            flip, lambda: ops.flip_boxes_left_right(gt_boxes, new_w, self.legacy_plus_one),
+            lambda: gt_boxes)
+
+        outputs = {
+            "images": self._finish_image(resized, pad_h, pad_w),
+            "image_size": tf.stack([new_h, new_w]),
+            "gt_boxes": ops.pad_to_fixed_size(gt_boxes, self.max_instances, PAD_VALUE),
+            "gt_classes": ops.pad_to_fixed_size(classes, self.max_instances, PAD_VALUE),
+            "source_id": parsed["source_id"],
+        }
+        if self.include_masks:
+            masks = decoder.decode_masks(tf.boolean_mask(parsed["masks_png"], keep),
+                                         parsed["height"], parsed["width"])
+            # Cropped over the box in the original image: the same region as the resized box.
+            crops = ops.crop_and_resize_masks(masks, boxes, self.mask_size)
+            crops = tf.cond(flip, lambda: crops[:, :, ::-1], lambda: crops)
+            outputs["gt_masks"] = ops.pad_to_fixed_size(crops, self.max_instances, PAD_VALUE)
+        return outputs
+
+
+class EvalParser(_ResizePadMixin):
+    """Callable: parsed record -> eval output dict (no flip, no ground truth)."""
+
+    def __init__(self, min_size=800, max_size=1333, size_divisibility=32, pixel_mode="bgr_caffe"):
+        if pixel_mode not in ops.PIXEL_MODES:
+            raise ValueError(f"pixel_mode must be one of {ops.PIXEL_MODES}, got {pixel_mode!r}")
+        self.min_size, self.max_size = min_size, max_size
+        self.size_divisibility = size_divisibility
+        self.pixel_mode = pixel_mode
+
+    def __call__(self, parsed):
+        image = decoder.decode_image(parsed["encoded_image"])
+        resized, new_h, new_w, pad_h, pad_w = self._resize_and_pad(
+            image, parsed["height"], parsed["width"], is_portrait(parsed))
+        original_size = tf.stack([parsed["height"], parsed["width"]])
+        image_size = tf.stack([new_h, new_w])
+        return {
+            "images": self._finish_image(resized, pad_h, pad_w),
+            "image_size": image_size,
+            "original_size": original_size,
+            "scale": tf.cast(image_size, tf.float32) / tf.cast(original_size, tf.float32),
+            "source_id": parsed["source_id"],
+            "is_valid": tf.constant(True),
+        }
