@@ -1,4 +1,4 @@
-"""The dataset builder: filtering, static shapes, sharding, exactly-once eval, determinism, errors."""
+"""The dataset builder: filtering, shapes, sharding, exactly-once eval, determinism, errors."""
 
 import io
 import json
