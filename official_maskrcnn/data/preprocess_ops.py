@@ -18,6 +18,9 @@ CAFFE_BGR_MEAN = (102.9801, 115.9465, 122.7717)
 IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_RGB_STD = (0.229, 0.224, 0.225)
 PIXEL_MODES = ("bgr_caffe", "rgb_imagenet")
+# Records store normalised float32 corners; x * W can land a few 1e-5 px off the integer it came
+# from, which would let the reference's "x2 > x1" keep a 1-pixel box. Compare with this margin.
+BOX_VALIDITY_EPS = 1e-3
 
 
 def reference_output_size(height, width, min_size, max_size):
@@ -71,7 +74,8 @@ def normalized_to_reference_boxes(boxes_normalized, height, width, legacy_plus_o
         tf.clip_by_value(ymax * h - one, 0.0, h - one),
         tf.clip_by_value(xmax * w - one, 0.0, w - one),
     ], axis=-1)
-    valid = tf.logical_and(boxes[:, 2] > boxes[:, 0], boxes[:, 3] > boxes[:, 1])
+    valid = tf.logical_and(boxes[:, 2] - boxes[:, 0] > BOX_VALIDITY_EPS,
+                           boxes[:, 3] - boxes[:, 1] > BOX_VALIDITY_EPS)
     return boxes, valid
 
 
@@ -106,9 +110,10 @@ def crop_and_resize_masks(masks, boxes, crop_size):
 
     The grid's samples sit at the centres of crop_size x crop_size equal bins of the box,
     treating box corners as continuous positions (pixel i covers [i, i + 1)), with bilinear
-    interpolation; samples outside the image read 0. This is the representation from which the
-    model builds the 28 x 28 target of any proposal (see `official_maskrcnn/data/README` in the
-    project README, "Masks").
+    interpolation between pixel centres; the outer half pixel of the image takes the value of
+    its edge pixel. Boxes are inside the image, so no sample falls outside it. This is the
+    representation from which the model builds the 28 x 28 target of any proposal (README,
+    "Masks").
 
     Args:
       masks: [N, H, W] uint8 or float, values 0/1.
@@ -117,19 +122,23 @@ def crop_and_resize_masks(masks, boxes, crop_size):
     Returns:
       [N, M, M] float32 in [0, 1].
     """
-    masks = tf.cast(masks, tf.float32)
+    # One replicated pixel around the mask: crop_and_resize reads 0 beyond the outer pixel
+    # centres, but the half pixel between a centre and the image edge belongs to the image.
+    masks = tf.pad(tf.cast(masks, tf.float32), [[0, 0], [1, 1], [1, 1]], mode="SYMMETRIC")
     shape = tf.shape(masks)
-    height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    last_y = tf.cast(shape[1], tf.float32) - 1.0
+    last_x = tf.cast(shape[2], tf.float32) - 1.0
     ymin, xmin, ymax, xmax = tf.unstack(boxes, axis=-1)
-    # crop_and_resize samples from pixel-index positions first..last inclusive, where pixel i's
-    # centre (continuous position i + 0.5) has index i: shift the first and last bin centres.
+    # crop_and_resize samples from pixel-index positions first..last inclusive; pixel i's centre
+    # (continuous position i + 0.5) has index i + 1 in the padded mask: shift the first and last
+    # bin centres accordingly.
     half_bin_y = (ymax - ymin) / (2.0 * crop_size)
     half_bin_x = (xmax - xmin) / (2.0 * crop_size)
     index_boxes = tf.stack([
-        (ymin + half_bin_y - 0.5) / tf.maximum(height - 1.0, 1.0),
-        (xmin + half_bin_x - 0.5) / tf.maximum(width - 1.0, 1.0),
-        (ymax - half_bin_y - 0.5) / tf.maximum(height - 1.0, 1.0),
-        (xmax - half_bin_x - 0.5) / tf.maximum(width - 1.0, 1.0),
+        (ymin + half_bin_y + 0.5) / last_y,
+        (xmin + half_bin_x + 0.5) / last_x,
+        (ymax - half_bin_y + 0.5) / last_y,
+        (xmax - half_bin_x + 0.5) / last_x,
     ], axis=-1)
     crops = tf.image.crop_and_resize(
         masks[..., tf.newaxis], index_boxes, tf.range(tf.shape(masks)[0]),
@@ -139,7 +148,7 @@ def crop_and_resize_masks(masks, boxes, crop_size):
 
 def pad_to_fixed_size(tensor, size, pad_value):
     """Pads (or truncates) the first dimension of `tensor` to `size` with `pad_value`."""
-    tensor = tensor[:size]
+    tensor = tf.convert_to_tensor(tensor)[:size]
     padding = [[0, size - tf.shape(tensor)[0]]] + [[0, 0]] * (len(tensor.shape) - 1)
     padded = tf.pad(tensor, padding, constant_values=tf.cast(pad_value, tensor.dtype))
     return tf.ensure_shape(padded, [size] + tensor.shape.as_list()[1:])
