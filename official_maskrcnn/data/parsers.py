@@ -42,9 +42,15 @@ def is_portrait(parsed):
 
 
 class _ResizePadMixin:
-    """Resize to the reference size and pad into the orientation group's static shape."""
+    """Resize to the reference size, normalise, pad into the orientation group's shape."""
 
-    def _resize_and_pad(self, image, height, width, portrait):
+    def _normalize_and_resize(self, image, height, width, portrait):
+        """uint8 image in the mode's channel order -> (normalised resized image, new_h, new_w,
+        pad_h, pad_w).
+
+        Normalising (per-channel affine) commutes with bilinear resizing, whose weights sum to 1,
+        so it is done on the smaller original image.
+        """
         new_h, new_w = ops.reference_output_size(height, width, self.min_size, self.max_size)
         landscape_hw = ops.padded_image_size(self.min_size, self.max_size,
                                              self.size_divisibility, portrait=False)
@@ -55,13 +61,14 @@ class _ResizePadMixin:
         # Extreme aspect ratios (> ~20:1) can exceed the padded side by the reference's
         # truncation; clamp rather than fail (a documented, negligible deviation).
         new_h, new_w = tf.minimum(new_h, pad_h), tf.minimum(new_w, pad_w)
-        resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]),
-                                  method="bilinear", antialias=True)
-        return resized, new_h, new_w, pad_h, pad_w
+        normalized = ops.normalize_values(tf.cast(image, tf.float32), self.pixel_mode)
+        return ops.resize_image(normalized, new_h, new_w), new_h, new_w, pad_h, pad_w
 
-    def _finish_image(self, resized, pad_h, pad_w):
-        normalized = ops.normalize_image(resized, self.pixel_mode)
-        padded = tf.image.pad_to_bounding_box(normalized, 0, 0, pad_h, pad_w)
+    @staticmethod
+    def _pad(image, pad_h, pad_w):
+        """Zero padding bottom/right, after normalisation, as the reference pads its batches."""
+        size = tf.shape(image)
+        padded = tf.pad(image, [[0, pad_h - size[0]], [0, pad_w - size[1]], [0, 0]])
         return tf.ensure_shape(padded, [None, None, 3])
 
 
@@ -89,21 +96,23 @@ class TrainParser(_ResizePadMixin):
         boxes = tf.boolean_mask(boxes, keep)
         classes = tf.boolean_mask(parsed["classes"], keep)
 
-        image = decoder.decode_image(parsed["encoded_image"])
-        resized, new_h, new_w, pad_h, pad_w = self._resize_and_pad(
+        flip = tf.random.stateless_uniform([], seed=seed) < self.flip_probability
+        # Channel order and flip on the small decoded image: both commute with the (symmetric,
+        # half-pixel-centred) bilinear resize, and cost less before it.
+        image = ops.order_channels(decoder.decode_image(parsed["encoded_image"]),
+                                   self.pixel_mode)
+        image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+        resized, new_h, new_w, pad_h, pad_w = self._normalize_and_resize(
             image, parsed["height"], parsed["width"], is_portrait(parsed))
         scale_y = tf.cast(new_h, tf.float32) / tf.cast(parsed["height"], tf.float32)
         scale_x = tf.cast(new_w, tf.float32) / tf.cast(parsed["width"], tf.float32)
         gt_boxes = ops.resize_boxes(boxes, scale_y, scale_x)
-
-        flip = tf.random.stateless_uniform([], seed=seed) < self.flip_probability
-        resized = tf.cond(flip, lambda: resized[:, ::-1, :], lambda: resized)
         gt_boxes = tf.cond(
             flip, lambda: ops.flip_boxes_left_right(gt_boxes, new_w, self.legacy_plus_one),
             lambda: gt_boxes)
 
         outputs = {
-            "images": self._finish_image(resized, pad_h, pad_w),
+            "images": self._pad(resized, pad_h, pad_w),
             "image_size": tf.stack([new_h, new_w]),
             "gt_boxes": ops.pad_to_fixed_size(gt_boxes, self.max_instances, PAD_VALUE),
             "gt_classes": ops.pad_to_fixed_size(classes, self.max_instances, PAD_VALUE),
@@ -130,13 +139,14 @@ class EvalParser(_ResizePadMixin):
         self.pixel_mode = pixel_mode
 
     def __call__(self, parsed):
-        image = decoder.decode_image(parsed["encoded_image"])
-        resized, new_h, new_w, pad_h, pad_w = self._resize_and_pad(
+        image = ops.order_channels(decoder.decode_image(parsed["encoded_image"]),
+                                   self.pixel_mode)
+        resized, new_h, new_w, pad_h, pad_w = self._normalize_and_resize(
             image, parsed["height"], parsed["width"], is_portrait(parsed))
         original_size = tf.stack([parsed["height"], parsed["width"]])
         image_size = tf.stack([new_h, new_w])
         return {
-            "images": self._finish_image(resized, pad_h, pad_w),
+            "images": self._pad(resized, pad_h, pad_w),
             "image_size": image_size,
             "original_size": original_size,
             "scale": tf.cast(image_size, tf.float32) / tf.cast(original_size, tf.float32),
