@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from unittest import mock
 
+import gin
 import numpy as np
 import tensorflow as tf
 
@@ -186,6 +187,23 @@ class DatasetBuilderTest(tf.test.TestCase):
                         self.assertGreater(s[0], 0)
         self.assertCountEqual(seen, list(self.images))
         self.assertGreater(steps, 0)
+
+
+class GinTest(tf.test.TestCase):
+
+    def test_builder_arguments_come_from_gin(self):
+        root = self.create_tempdir().full_path
+        pattern, _, _ = make_records(root, num_shards=1)
+        gin.parse_config([f"DatasetBuilder.file_pattern = '{pattern}'",
+                          "DatasetBuilder.min_size = 32", "DatasetBuilder.max_size = 64",
+                          "DatasetBuilder.mask_size = 8"])
+        try:
+            builder = db.DatasetBuilder(is_training=True, global_batch_size=1)
+            batch = next(iter(builder()))
+        finally:
+            gin.clear_config()
+        self.assertIn(tuple(batch["images"].shape[1:3]), [(32, 64), (64, 32)])
+        self.assertEqual(batch["gt_masks"].shape[2:], (8, 8))
 
 
 class BadInputTest(tf.test.TestCase):
