@@ -1,0 +1,83 @@
+"""Mask head: maskrcnn-benchmark's `MaskRCNNFPNFeatureExtractor` convs + `MaskRCNNC4Predictor`.
+
+Shape legend: B images; R ROIs per image; M ROIAlign output size (14); F channels (256);
+K classes *including* background (index 0), 81 for COCO. One mask per class (class-specific);
+the caller picks the ground-truth or predicted class.
+
+    x = roi_features                                   [B * R, M, M, F]
+    4 x: x = relu(conv3x3(x))  (mask_fcn1..4)          [B * R, M, M, F]
+    x = relu(conv_transpose2x2_stride2(x))  (conv5_mask)  [B * R, 2M, 2M, F]
+    mask_logits = conv1x1_K(x)  (mask_fcn_logits)      [B, R, 2M, 2M, K]
+
+Initialisation (maskrcnn-benchmark): mask_fcn1..4 by `make_conv3x3` (make_layers.py, default
+kaiming_init=True): `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, bias 0;
+`MaskRCNNC4Predictor` (roi_mask_predictors.py, also used for FPN): conv5_mask and mask_fcn_logits
+`kaiming_normal_(mode="fan_out", nonlinearity="relu")` ("Caffe2 MSRAFill"), biases 0. That is
+N(0, std=sqrt(2 / fan_out)), untruncated, = `VarianceScaling(2, "fan_out", "untruncated_normal")`.
+The fans agree with torch's: torch takes fan_out from weight dim 0 (out channels of a conv, *in*
+channels of a ConvTranspose2d) times the kernel area, and Keras from the kernel's last dim, which
+is likewise out channels for Conv2D and in channels for Conv2DTranspose.
+"""
+
+import tensorflow as tf
+import tf_keras
+
+NUM_CLASSES_COCO = 81  # 80 categories + background.
+
+
+def msra_fill():
+    """torch's `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, fresh per layer."""
+    return tf_keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+class MaskHead(tf_keras.layers.Layer):
+    """Per-class 2M x 2M mask logits for every ROI."""
+
+    def __init__(self, num_classes=NUM_CLASSES_COCO, num_convs=4, num_filters=256, **kwargs):
+        """Creates the head.
+
+        Args:
+          num_classes: K, including background.
+          num_convs: number of 3x3 conv + ReLU layers before the upsampling.
+          num_filters: F, channels of the convs and of the transposed conv.
+          **kwargs: tf_keras.layers.Layer arguments (name, dtype, ...).
+        """
+        super().__init__(**kwargs)
+        self._num_classes = num_classes
+        self._num_convs = num_convs
+        self._num_filters = num_filters
+        common = dict(bias_initializer="zeros", dtype=self.dtype_policy)
+        self._convs = [
+            tf_keras.layers.Conv2D(num_filters, 3, padding="same", activation="relu",
+                                   kernel_initializer=msra_fill(), name=f"mask_fcn{i + 1}",
+                                   **common)
+            for i in range(num_convs)]
+        self._upsample = tf_keras.layers.Conv2DTranspose(
+            num_filters, 2, strides=2, padding="valid", activation="relu",
+            kernel_initializer=msra_fill(), name="conv5_mask", **common)
+        self._logits = tf_keras.layers.Conv2D(num_classes, 1, kernel_initializer=msra_fill(),
+                                              name="mask_fcn_logits", **common)
+
+    def call(self, roi_features):
+        """Predicts mask logits.
+
+        Args:
+          roi_features: [B, R, M, M, F] ROIAlign features.
+        Returns:
+          [B, R, 2M, 2M, K] float32 mask logits.
+        """
+        shape = tf.shape(roi_features)
+        batch, num_rois = shape[0], shape[1]
+        x = tf.reshape(roi_features, [-1, *roi_features.shape[2:]])  # [B * R, M, M, F]
+        for conv in self._convs:
+            x = conv(x)
+        x = self._logits(self._upsample(x))  # [B * R, 2M, 2M, K]
+        x = tf.reshape(x, [batch, num_rois, *x.shape[1:]])
+        return tf.cast(x, tf.float32)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self._num_classes, num_convs=self._num_convs,
+                      num_filters=self._num_filters)
+        return config
