@@ -1,0 +1,277 @@
+"""Mask R-CNN: injected parts (backbone, FPN, heads) wired with the ops into losses or detections.
+
+Shape legend: B images; H, W the padded input size (static, multiples of 32); I padded
+ground-truth instances per image (100 from the parsers; padding rows have class -1); M the side of
+the ground-truth mask crops (112); N anchors of all levels; P proposals per image; S sampled ROIs
+per image; F = int(S * roi_fg_fraction) mask-head ROI slots per image; T `max_detections`;
+K classes *including* background (index 0); Q `mask_size` (28).
+
+Boxes are [ymin, xmin, ymax, xmax] in absolute pixels of the (padded) network input. The parts
+compute in their dtype policy; boxes, targets, losses and detections are float32.
+
+Training, `call(inputs, training=True)`:
+  images -> backbone C2..C5 -> FPN P2..P6 -> RPN head on P2..P6 -> rpn_targets + rpn_losses;
+  generate_proposals (no gradient) -> sample_rois (adds the gt boxes) -> ROIAlign 7x7 on P2..P5
+  -> box head -> box_head_losses; the foreground ROIs (compacted into F slots) -> ROIAlign 14x14
+  -> mask head -> mask_targets -> mask_loss. Returns the losses of DESIGN.md.
+Inference, `call(inputs, training=False)`:
+  proposals -> box head -> softmax, class-specific decoding (BoxCoder (10, 10, 5, 5)), clipping
+  to image_size -> per-class NMS -> mask head on the detections -> sigmoid of the detected class.
+"""
+
+import tensorflow as tf
+import tf_keras
+
+from official_maskrcnn.modeling import losses as losses_lib
+from official_maskrcnn.ops import anchors as anchors_lib
+from official_maskrcnn.ops import box_ops, mask_targets, nms, proposals, roi_align, roi_targets
+from official_maskrcnn.ops import rpn_targets as rpn_targets_lib
+
+LOSS_NAMES = ("rpn_score_loss", "rpn_box_loss", "frcnn_class_loss", "frcnn_box_loss", "mask_loss")
+# FPN levels the RPN sees (P2..P6) and the ROI heads pool from (P2..P5).
+RPN_LEVELS = ("2", "3", "4", "5", "6")
+ROI_LEVELS = ("2", "3", "4", "5")
+DEFAULT_SEED = (0, 0)
+# Mixed into the seed for the ROI sampler, so that it draws independently of the RPN sampler.
+ROI_SEED_XOR = (0x2545F491, 0x9E3779B9)
+
+
+class MaskRCNNModel(tf_keras.Model):
+    """Mask R-CNN with FPN; the sub-layers are injected, the settings are plain Python values.
+
+    get_config returns the settings only: the injected parts are not serialised with the model
+    (rebuild it with `official_maskrcnn.modeling.factory.build_maskrcnn_model`); weights are saved
+    and restored through checkpoints.
+    """
+
+    def __init__(self, backbone, decoder, rpn_head, box_head, mask_head, num_classes=81,
+                 anchor_sizes=anchors_lib.FPN_ANCHOR_SIZES,
+                 aspect_ratios=anchors_lib.ASPECT_RATIOS,
+                 rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
+                 rpn_fg_iou_threshold=0.7, rpn_bg_iou_threshold=0.3, rpn_straddle_thresh=0,
+                 rpn_nms_threshold=proposals.RPN_NMS_THRESHOLD,
+                 rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000,
+                 rpn_pre_nms_top_n_eval=1000, rpn_post_nms_top_n_eval=1000,
+                 rpn_post_nms_per_image=True,
+                 roi_num_samples=512, roi_fg_fraction=0.25, roi_fg_iou_threshold=0.5,
+                 roi_bg_iou_threshold=0.5, box_roi_size=7, mask_roi_size=14, sampling_ratio=2,
+                 detection_score_threshold=nms.INFERENCE_SCORE_THRESHOLD,
+                 detection_iou_threshold=nms.INFERENCE_IOU_THRESHOLD,
+                 max_detections=nms.INFERENCE_MAX_DETECTIONS, mask_size=28, **kwargs):
+        """Creates the model.
+
+        Args:
+          backbone: layer, images [B, H, W, 3] -> {"2".."5": C_l}.
+          decoder: layer, {"2".."5"} -> {"2".."6": [B, H / 2**l, W / 2**l, F]}.
+          rpn_head: layer, {"2".."6"} -> {"objectness_logits": {l: [B, N_l]},
+            "box_deltas": {l: [B, N_l, 4]}}.
+          box_head: layer, [B, R, 7, 7, F] -> {"class_logits": [B, R, K],
+            "box_deltas": [B, R, K, 4]}.
+          mask_head: layer, [B, R, 14, 14, F] -> [B, R, Q, Q, K] logits.
+          num_classes: K, including background.
+          anchor_sizes: one anchor size per RPN level (strides 4..64).
+          aspect_ratios: anchor height / width ratios.
+          rpn_*: RPN sampling (anchors per image, positive fraction, IoU thresholds, border
+            straddle) and proposal settings (NMS IoU, pre/post-NMS top-n for train and eval,
+            post-NMS top-n per image or per batch).
+          roi_*: ROI sampling (ROIs per image, foreground fraction, IoU thresholds).
+          box_roi_size, mask_roi_size, sampling_ratio: ROIAlign settings (7, 14, 2).
+          detection_score_threshold, detection_iou_threshold, max_detections: inference
+            post-processing (0.05, 0.5, 100).
+          mask_size: Q, side of the mask head's output (28).
+          **kwargs: tf_keras.Model arguments (name, ...).
+        """
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.decoder = decoder
+        self.rpn_head = rpn_head
+        self.box_head = box_head
+        self.mask_head = mask_head
+        self._settings = dict(
+            num_classes=num_classes, anchor_sizes=tuple(anchor_sizes),
+            aspect_ratios=tuple(aspect_ratios),
+            rpn_batch_size_per_image=rpn_batch_size_per_image,
+            rpn_positive_fraction=rpn_positive_fraction,
+            rpn_fg_iou_threshold=rpn_fg_iou_threshold, rpn_bg_iou_threshold=rpn_bg_iou_threshold,
+            rpn_straddle_thresh=rpn_straddle_thresh, rpn_nms_threshold=rpn_nms_threshold,
+            rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+            rpn_pre_nms_top_n_eval=rpn_pre_nms_top_n_eval,
+            rpn_post_nms_top_n_eval=rpn_post_nms_top_n_eval,
+            rpn_post_nms_per_image=rpn_post_nms_per_image,
+            roi_num_samples=roi_num_samples, roi_fg_fraction=roi_fg_fraction,
+            roi_fg_iou_threshold=roi_fg_iou_threshold, roi_bg_iou_threshold=roi_bg_iou_threshold,
+            box_roi_size=box_roi_size, mask_roi_size=mask_roi_size,
+            sampling_ratio=sampling_ratio, detection_score_threshold=detection_score_threshold,
+            detection_iou_threshold=detection_iou_threshold, max_detections=max_detections,
+            mask_size=mask_size)
+        self._box_coder = box_ops.BoxCoder(box_ops.HEAD_BOX_CODER_WEIGHTS)
+
+    def get_config(self):
+        return {"name": self.name, **self._settings}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        raise NotImplementedError(
+            "MaskRCNNModel.from_config: the injected parts are not serialised; rebuild the model "
+            "with official_maskrcnn.modeling.factory.build_maskrcnn_model(...).")
+
+    # ---------------------------------------------------------------- shared pieces
+
+    def _features(self, images, training):
+        """images [B, H, W, 3] -> FPN dict "2".."6" -> [B, H / 2**l, W / 2**l, F]."""
+        return self.decoder(self.backbone(images, training=training))
+
+    def _anchors(self, images):
+        """Anchors {"2".."6": [N_l, 4]} of the static padded size of images [B, H, W, 3]."""
+        height, width = images.shape[1], images.shape[2]
+        if height is None or width is None:
+            raise ValueError(f"MaskRCNNModel: expected a static padded image size in images "
+                             f"[B, H, W, 3], found {images.shape}.")
+        strides = tuple(2**int(level) for level in RPN_LEVELS)
+        return anchors_lib.multilevel_anchors(height, width, strides=strides,
+                                              sizes=self._settings["anchor_sizes"],
+                                              aspect_ratios=self._settings["aspect_ratios"])
+
+    def _proposals(self, rpn_outputs, anchors, image_size, training):
+        """RPN outputs -> proposals [B, P, 4] float32 and proposal_valid [B, P] bool."""
+        s = self._settings
+        mode = "train" if training else "eval"
+        result = proposals.generate_proposals(
+            rpn_outputs["objectness_logits"], rpn_outputs["box_deltas"], anchors, image_size,
+            pre_nms_top_n=s[f"rpn_pre_nms_top_n_{mode}"],
+            post_nms_top_n=s[f"rpn_post_nms_top_n_{mode}"],
+            nms_threshold=s["rpn_nms_threshold"],
+            per_image=s["rpn_post_nms_per_image"] or not training)
+        return (tf.stop_gradient(result["proposal_boxes"]),
+                tf.stop_gradient(result["proposal_valid"]))
+
+    def _roi_features(self, features, boxes, output_size):
+        """ROIAlign of boxes [B, R, 4] on P2..P5 -> [B, R, output_size, output_size, F]."""
+        return roi_align.multilevel_roi_align(
+            {level: features[level] for level in ROI_LEVELS}, tf.stop_gradient(boxes),
+            output_size, self._settings["sampling_ratio"])
+
+    def call(self, inputs, training=None):
+        """Losses (training) or detections (inference); see the module docstring.
+
+        Args:
+          inputs: dict with
+            images: [B, H, W, 3], H and W static;
+            image_size: [B, 2] int (h, w) of each resized image inside the padding;
+            training only: gt_boxes [B, I, 4] (padding -1), gt_classes [B, I] int (padding -1),
+              gt_masks [B, I, M, M] float, and optionally seed [2] int (the stateless sampling
+              seed, e.g. from the step number; DEFAULT_SEED otherwise).
+          training: python bool.
+        Returns:
+          training: dict of float32 scalars rpn_score_loss, rpn_box_loss, frcnn_class_loss,
+            frcnn_box_loss, mask_loss, total_loss (their sum).
+          inference: dict with detection_boxes [B, T, 4] float32 (input-image pixels),
+            detection_scores [B, T] float32, detection_classes [B, T] int32 (1..K-1, 0 when
+            invalid), detection_masks [B, T, Q, Q] float32 probabilities of the detected class,
+            num_detections [B] int32.
+        """
+        if training:
+            return self._train_losses(inputs)
+        return self._detections(inputs)
+
+    # ---------------------------------------------------------------- training
+
+    def _train_losses(self, inputs):
+        s = self._settings
+        images = inputs["images"]
+        image_size = inputs["image_size"]
+        gt_boxes = tf.cast(inputs["gt_boxes"], tf.float32)  # [B, I, 4]
+        gt_classes = tf.cast(inputs["gt_classes"], tf.int32)  # [B, I]
+        seed = inputs.get("seed")
+        if seed is None:
+            seed = tf.constant(DEFAULT_SEED, tf.int32)
+        # Two sampling streams from one seed by bit operations only: tf.random's stateless ops
+        # differ between eager and XLA (see ops/sampling.py), bitwise ops do not.
+        rpn_seed = tf.cast(seed, tf.int64)
+        roi_seed = tf.bitwise.bitwise_xor(rpn_seed, tf.constant(ROI_SEED_XOR, tf.int64))
+
+        features = self._features(images, training=True)
+        rpn_outputs = self.rpn_head({level: features[level] for level in RPN_LEVELS})
+        anchors = self._anchors(images)
+        targets = rpn_targets_lib.rpn_targets(
+            tf.concat([anchors[level] for level in RPN_LEVELS], axis=0), gt_boxes, gt_classes,
+            image_size, rpn_seed, batch_size_per_image=s["rpn_batch_size_per_image"],
+            positive_fraction=s["rpn_positive_fraction"], high=s["rpn_fg_iou_threshold"],
+            low=s["rpn_bg_iou_threshold"], straddle_thresh=s["rpn_straddle_thresh"])
+        losses = losses_lib.rpn_losses(
+            tf.concat([rpn_outputs["objectness_logits"][level] for level in RPN_LEVELS], axis=1),
+            tf.concat([rpn_outputs["box_deltas"][level] for level in RPN_LEVELS], axis=1),
+            targets["labels"], targets["box_targets"])
+
+        boxes, valid = self._proposals(rpn_outputs, anchors, image_size, training=True)
+        rois = roi_targets.sample_rois(
+            boxes, valid, gt_boxes, gt_classes, roi_seed, num_samples=s["roi_num_samples"],
+            fg_fraction=s["roi_fg_fraction"], fg_iou_threshold=s["roi_fg_iou_threshold"],
+            bg_iou_threshold=s["roi_bg_iou_threshold"])
+        box_outputs = self.box_head(
+            self._roi_features(features, rois["rois"], s["box_roi_size"]))
+        losses.update(losses_lib.box_head_losses(
+            box_outputs["class_logits"], box_outputs["box_deltas"], rois["class_targets"],
+            rois["box_targets"], rois["roi_valid"]))
+
+        losses.update(self._mask_loss(features, rois, inputs["gt_masks"], gt_boxes))
+        losses = {name: tf.cast(losses[name], tf.float32) for name in LOSS_NAMES}
+        losses["total_loss"] = tf.add_n([losses[name] for name in LOSS_NAMES])
+        return losses
+
+    def _mask_loss(self, features, rois, gt_masks, gt_boxes):
+        """Mask loss on the foreground ROIs, compacted into F = int(S * fg_fraction) slots."""
+        s = self._settings
+        num_slots = min(int(s["roi_num_samples"] * s["roi_fg_fraction"]), s["roi_num_samples"])
+        num_slots = max(num_slots, 1)
+        foreground = rois["foreground"]  # [B, S]
+        # top_k is stable: the foreground slots first, in ROI order. sample_rois samples at most
+        # int(S * fg_fraction) foreground ROIs, so none is dropped.
+        _, index = tf.math.top_k(tf.cast(foreground, tf.int32), k=num_slots)  # [B, F]
+        fg_rois = tf.gather(rois["rois"], index, batch_dims=1)  # [B, F, 4]
+        fg_valid = tf.gather(foreground, index, batch_dims=1)  # [B, F]
+        fg_classes = tf.gather(rois["class_targets"], index, batch_dims=1)  # [B, F]
+        fg_matched = tf.gather(rois["matched_gt"], index, batch_dims=1)  # [B, F]
+        mask_logits = self.mask_head(
+            self._roi_features(features, fg_rois, s["mask_roi_size"]))  # [B, F, Q, Q, K]
+        targets = mask_targets.mask_targets(gt_masks, gt_boxes, fg_rois, fg_matched,
+                                            output_size=s["mask_size"])  # [B, F, Q, Q]
+        return losses_lib.mask_loss(mask_logits, targets, fg_classes, fg_valid)
+
+    # ---------------------------------------------------------------- inference
+
+    def _detections(self, inputs):
+        s = self._settings
+        images = inputs["images"]
+        image_size = tf.cast(inputs["image_size"], tf.float32)  # [B, 2]
+        features = self._features(images, training=False)
+        rpn_outputs = self.rpn_head({level: features[level] for level in RPN_LEVELS})
+        boxes, valid = self._proposals(rpn_outputs, self._anchors(images), image_size,
+                                       training=False)  # [B, P, 4], [B, P]
+
+        box_outputs = self.box_head(self._roi_features(features, boxes, s["box_roi_size"]))
+        scores = tf.nn.softmax(box_outputs["class_logits"], axis=-1)  # [B, P, K]
+        class_boxes = self._box_coder.decode(box_outputs["box_deltas"],
+                                             boxes[:, :, None, :])  # [B, P, K, 4]
+        class_boxes = box_ops.clip_boxes(class_boxes, image_size[:, None, :])
+        detections = nms.batched_per_class_nms(
+            class_boxes, scores, score_threshold=s["detection_score_threshold"],
+            iou_threshold=s["detection_iou_threshold"], max_detections=s["max_detections"],
+            valid=valid)
+
+        detection_boxes = detections["detection_boxes"]  # [B, T, 4]
+        classes = detections["detection_classes"]  # [B, T]
+        mask_logits = self.mask_head(
+            self._roi_features(features, detection_boxes, s["mask_roi_size"]))  # [B, T, Q, Q, K]
+        own_logits = tf.gather(tf.transpose(mask_logits, [0, 1, 4, 2, 3]), classes, axis=2,
+                               batch_dims=2)  # [B, T, Q, Q]
+        masks = tf.where(detections["detection_valid"][:, :, None, None],
+                         tf.sigmoid(tf.cast(own_logits, tf.float32)), 0.0)
+        return {
+            "detection_boxes": detection_boxes,
+            "detection_scores": detections["detection_scores"],
+            "detection_classes": classes,
+            "detection_masks": masks,
+            "num_detections": detections["num_detections"],
+        }

@@ -1,0 +1,236 @@
+"""Tests of MaskRCNNModel and its factory on a tiny model: losses, gradients, inference, XLA, bf16.
+
+Shape legend: B images; H, W the padded image size (128); I padded ground-truth instances;
+M the side of the gt mask crops (112); T max detections; Q mask side (28); K classes including
+background.
+"""
+
+import gin
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from official_maskrcnn.modeling import factory, maskrcnn_model
+
+BATCH = 2
+IMAGE_SIDE = 128
+NUM_INSTANCES = 5
+MASK_CROP = 112
+NUM_CLASSES = 4
+MAX_DETECTIONS = 20
+MASK_SIZE = 28
+LOSS_KEYS = {"rpn_score_loss", "rpn_box_loss", "frcnn_class_loss", "frcnn_box_loss", "mask_loss",
+             "total_loss"}
+SMALL_SETTINGS = dict(
+    num_classes=NUM_CLASSES, backbone_depth=18, backbone_norm="group_norm", freeze_at=0,
+    fpn_num_filters=32, box_head_mlp_dim=64, mask_head_num_convs=1, mask_head_num_filters=16,
+    rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_eval=200,
+    rpn_post_nms_top_n_eval=100, roi_num_samples=64, max_detections=MAX_DETECTIONS)
+
+
+def build_small_model():
+    return factory.build_maskrcnn_model(**SMALL_SETTINGS)
+
+
+def training_inputs(with_gt=(True, True), seed=0):
+    """A synthetic parser-like training batch; images without gt have all rows -1.
+
+    Returns:
+      dict: images [B, H, W, 3], image_size [B, 2] int32, gt_boxes [B, I, 4], gt_classes [B, I]
+      int32, gt_masks [B, I, M, M] (ones for real instances, -1 for padding), seed [2] int32.
+    """
+    rng = np.random.default_rng(seed)
+    real_boxes = [[10.0, 12.0, 60.0, 70.0], [40.0, 50.0, 118.0, 100.0], [5.0, 70.0, 40.0, 95.0]]
+    real_classes = [1, 3, 2]
+    boxes = -np.ones([BATCH, NUM_INSTANCES, 4], np.float32)
+    classes = -np.ones([BATCH, NUM_INSTANCES], np.int32)
+    for b, has_gt in enumerate(with_gt):
+        if has_gt:
+            boxes[b, :len(real_boxes)] = real_boxes
+            classes[b, :len(real_classes)] = real_classes
+    masks = np.where(classes[:, :, None, None] > 0, 1.0, -1.0) * np.ones(
+        [BATCH, NUM_INSTANCES, MASK_CROP, MASK_CROP])
+    return {
+        "images": tf.constant(rng.normal(size=[BATCH, IMAGE_SIDE, IMAGE_SIDE, 3]), tf.float32),
+        "image_size": tf.constant([[IMAGE_SIDE, IMAGE_SIDE], [100, 120]], tf.int32),
+        "gt_boxes": tf.constant(boxes),
+        "gt_classes": tf.constant(classes),
+        "gt_masks": tf.constant(masks, tf.float32),
+        "seed": tf.constant([3, 7], tf.int32),
+    }
+
+
+class MaskRCNNModelTest(tf.test.TestCase):
+    """One small float32 model for the whole class (building and tracing dominate the time)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = build_small_model()
+        cls.inputs = training_inputs()
+        cls.losses = cls.model(cls.inputs, training=True)
+
+    def assert_valid_losses(self, losses):
+        self.assertEqual(set(losses), LOSS_KEYS)
+        for name, value in losses.items():
+            self.assertEqual(value.dtype, tf.float32, name)
+            self.assertEqual(value.shape.rank, 0, name)
+            self.assertTrue(np.isfinite(value.numpy()), f"{name} = {value.numpy()}")
+            self.assertGreaterEqual(value.numpy(), 0.0, name)
+        parts = sum(losses[name].numpy() for name in maskrcnn_model.LOSS_NAMES)
+        self.assertAllClose(losses["total_loss"], parts, rtol=1e-6)
+
+    def test_training_losses(self):
+        self.assert_valid_losses(self.losses)
+        # Ground truth present: every loss is active (the mask loss of random weights ~ log 2).
+        for name in ("rpn_score_loss", "rpn_box_loss", "frcnn_class_loss", "mask_loss"):
+            self.assertGreater(self.losses[name].numpy(), 0.0, name)
+
+    def test_no_ground_truth(self):
+        # One image without ground truth next to one with it.
+        self.assert_valid_losses(self.model(training_inputs((True, False)), training=True))
+        # No ground truth in the whole batch: only the classification losses remain.
+        losses = self.model(training_inputs((False, False)), training=True)
+        self.assert_valid_losses(losses)
+        for name in ("rpn_box_loss", "frcnn_box_loss", "mask_loss"):
+            self.assertEqual(losses[name].numpy(), 0.0, name)
+        self.assertGreater(losses["rpn_score_loss"].numpy(), 0.0)
+        self.assertGreater(losses["frcnn_class_loss"].numpy(), 0.0)
+
+    def test_gradients_and_sgd_step(self):
+        model = build_small_model()
+        inputs = training_inputs()
+        with tf.GradientTape() as tape:
+            total = model(inputs, training=True)["total_loss"]
+        variables = model.trainable_variables
+        grads = tape.gradient(total, variables)
+        missing = [v.name for v, g in zip(variables, grads) if g is None]
+        self.assertEqual(missing, [])
+        for v, g in zip(variables, grads):
+            self.assertTrue(np.all(np.isfinite(g.numpy())), v.name)
+        # Every part receives gradient.
+        for part in ("resnet", "fpn", "rpn_head", "box_head", "mask_head"):
+            norm = sum(float(tf.norm(g)) for v, g in zip(variables, grads) if part in v.name)
+            self.assertGreater(norm, 0.0, part)
+        before = [v.numpy() for v in variables]
+        tf_keras.optimizers.SGD(0.01).apply_gradients(zip(grads, variables))
+        changed = [not np.array_equal(b, v.numpy()) for b, v in zip(before, variables)]
+        self.assertGreater(sum(changed), len(variables) // 2)
+        after = model(inputs, training=True)["total_loss"]
+        self.assertNotAllClose(total, after)
+
+    def test_inference_outputs(self):
+        images = self.inputs["images"]
+        image_size = self.inputs["image_size"]
+        outputs = self.model({"images": images, "image_size": image_size}, training=False)
+        expected = {
+            "detection_boxes": ([BATCH, MAX_DETECTIONS, 4], tf.float32),
+            "detection_scores": ([BATCH, MAX_DETECTIONS], tf.float32),
+            "detection_classes": ([BATCH, MAX_DETECTIONS], tf.int32),
+            "detection_masks": ([BATCH, MAX_DETECTIONS, MASK_SIZE, MASK_SIZE], tf.float32),
+            "num_detections": ([BATCH], tf.int32),
+        }
+        self.assertEqual(set(outputs), set(expected))
+        for name, (shape, dtype) in expected.items():
+            self.assertEqual(outputs[name].shape.as_list(), shape, name)
+            self.assertEqual(outputs[name].dtype, dtype, name)
+        num = outputs["num_detections"].numpy()
+        self.assertTrue(np.all((num >= 0) & (num <= MAX_DETECTIONS)))
+        classes = outputs["detection_classes"].numpy()
+        masks = outputs["detection_masks"].numpy()
+        boxes = outputs["detection_boxes"].numpy()
+        size = image_size.numpy()
+        for b in range(BATCH):
+            valid_classes = classes[b, :num[b]]
+            self.assertTrue(np.all((valid_classes >= 1) & (valid_classes < NUM_CLASSES)))
+            self.assertTrue(np.all(outputs["detection_scores"].numpy()[b, :num[b]] > 0.05))
+            self.assertTrue(np.all(masks[b, :num[b]] >= 0.0) and np.all(masks[b, :num[b]] <= 1.0))
+            self.assertAllEqual(masks[b, num[b]:], np.zeros_like(masks[b, num[b]:]))
+            self.assertTrue(np.all(boxes[b, :num[b], 2] <= size[b, 0] - 1))
+            self.assertTrue(np.all(boxes[b, :num[b], 3] <= size[b, 1] - 1))
+            self.assertTrue(np.all(boxes[b, :num[b]] >= 0.0))
+
+    def test_xla_matches_eager(self):
+        compiled = tf.function(lambda inputs: self.model(inputs, training=True),
+                               jit_compile=True)
+        xla_losses = compiled(self.inputs)
+        self.assertEqual(set(xla_losses), LOSS_KEYS)
+        for name in LOSS_KEYS:
+            self.assertAllClose(xla_losses[name], self.losses[name], rtol=1e-4, atol=1e-6,
+                                msg=name)
+
+    def test_xla_inference_matches_eager(self):
+        inputs = {"images": self.inputs["images"], "image_size": self.inputs["image_size"]}
+        eager = self.model(inputs, training=False)
+        compiled = tf.function(lambda x: self.model(x, training=False), jit_compile=True)(inputs)
+        self.assertAllEqual(compiled["num_detections"], eager["num_detections"])
+        self.assertAllEqual(compiled["detection_classes"], eager["detection_classes"])
+        for name in ("detection_boxes", "detection_scores", "detection_masks"):
+            self.assertAllClose(compiled[name], eager[name], rtol=1e-4, atol=1e-4, msg=name)
+
+    def test_seed_changes_sampling(self):
+        inputs = dict(self.inputs, seed=tf.constant([11, 5], tf.int32))
+        other = self.model(inputs, training=True)
+        self.assertNotAllClose(other["frcnn_class_loss"], self.losses["frcnn_class_loss"])
+
+    def test_get_config(self):
+        config = self.model.get_config()
+        self.assertEqual(config["num_classes"], NUM_CLASSES)
+        self.assertEqual(config["roi_num_samples"], 64)
+        self.assertEqual(config["max_detections"], MAX_DETECTIONS)
+        self.assertEqual(config["rpn_pre_nms_top_n_train"], 200)
+        for value in config.values():
+            self.assertIsInstance(value, (int, float, str, bool, tuple))
+        with self.assertRaisesRegex(NotImplementedError, "build_maskrcnn_model"):
+            maskrcnn_model.MaskRCNNModel.from_config(config)
+
+
+class MixedPrecisionTest(tf.test.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self._policy = tf_keras.mixed_precision.global_policy()
+        tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
+
+    def tearDown(self):
+        tf_keras.mixed_precision.set_global_policy(self._policy)
+        super().tearDown()
+
+    def test_bfloat16_losses_and_detections(self):
+        model = build_small_model()
+        losses = model(training_inputs(), training=True)
+        self.assertEqual(model.backbone.compute_dtype, "bfloat16")
+        self.assertEqual(model.mask_head.compute_dtype, "bfloat16")
+        self.assertEqual(set(losses), LOSS_KEYS)
+        for name, value in losses.items():
+            self.assertEqual(value.dtype, tf.float32, name)
+            self.assertTrue(np.isfinite(value.numpy()), name)
+        self.assertTrue(all(v.dtype == tf.float32 for v in model.trainable_variables))
+        inputs = training_inputs()
+        outputs = model({"images": inputs["images"], "image_size": inputs["image_size"]},
+                        training=False)
+        for name in ("detection_boxes", "detection_scores", "detection_masks"):
+            self.assertEqual(outputs[name].dtype, tf.float32, name)
+
+
+class FactoryTest(tf.test.TestCase):
+
+    def tearDown(self):
+        gin.clear_config()
+        super().tearDown()
+
+    def test_gin_binds_settings(self):
+        gin.parse_config("build_maskrcnn_model.num_classes = 7\n"
+                         "build_maskrcnn_model.roi_num_samples = 32\n"
+                         "build_maskrcnn_model.backbone_depth = 18")
+        model = factory.build_maskrcnn_model()
+        self.assertIsInstance(model, maskrcnn_model.MaskRCNNModel)
+        self.assertEqual(model.get_config()["num_classes"], 7)
+        self.assertEqual(model.get_config()["roi_num_samples"], 32)
+        self.assertEqual(model.backbone.get_config()["depth"], 18)
+        self.assertEqual(model.box_head.get_config()["num_classes"], 7)
+        self.assertEqual(model.mask_head.get_config()["num_classes"], 7)
+
+    def test_rejects_inconsistent_mask_size(self):
+        with self.assertRaisesRegex(ValueError, "mask_size"):
+            factory.build_maskrcnn_model(mask_roi_size=14, mask_size=14)
