@@ -1,4 +1,4 @@
-"""Tests of MaskRCNNModel and its factory on a tiny model: losses, gradients, inference, XLA, bf16.
+"""MaskRCNNModel and its factory on a tiny model: losses, gradients, inference, XLA, precision.
 
 Shape legend: B images; H, W the padded image size (128); I padded ground-truth instances;
 M the side of the gt mask crops (112); T max detections; Q mask side (28); K classes including
@@ -9,6 +9,7 @@ import gin
 import numpy as np
 import tensorflow as tf
 import tf_keras
+from absl.testing import parameterized
 
 from official_maskrcnn.modeling import factory, maskrcnn_model
 
@@ -185,22 +186,20 @@ class MaskRCNNModelTest(tf.test.TestCase):
             maskrcnn_model.MaskRCNNModel.from_config(config)
 
 
-class MixedPrecisionTest(tf.test.TestCase):
-
-    def setUp(self):
-        super().setUp()
-        self._policy = tf_keras.mixed_precision.global_policy()
-        tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
+class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
 
     def tearDown(self):
-        tf_keras.mixed_precision.set_global_policy(self._policy)
+        tf_keras.mixed_precision.set_global_policy("float32")
         super().tearDown()
 
-    def test_bfloat16_losses_and_detections(self):
+    @parameterized.parameters("mixed_bfloat16", "mixed_float16")
+    def test_losses_and_detections_stay_float32(self, policy):
+        tf_keras.mixed_precision.set_global_policy(policy)
+        compute_dtype = policy.split("_")[1]
         model = build_small_model()
         losses = model(training_inputs(), training=True)
-        self.assertEqual(model.backbone.compute_dtype, "bfloat16")
-        self.assertEqual(model.mask_head.compute_dtype, "bfloat16")
+        self.assertEqual(model.backbone.compute_dtype, compute_dtype)
+        self.assertEqual(model.mask_head.compute_dtype, compute_dtype)
         self.assertEqual(set(losses), LOSS_KEYS)
         for name, value in losses.items():
             self.assertEqual(value.dtype, tf.float32, name)
