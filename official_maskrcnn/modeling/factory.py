@@ -12,6 +12,7 @@ from official_maskrcnn.modeling.backbones import resnet
 from official_maskrcnn.modeling.decoders import fpn
 from official_maskrcnn.modeling.heads import box_head, mask_head, rpn_head
 from official_maskrcnn.ops import anchors as anchors_lib
+from official_maskrcnn.tools import convert_r50_pkl
 
 
 @gin.configurable
@@ -28,7 +29,8 @@ def build_maskrcnn_model(num_classes=81, backbone_depth=50, backbone_norm="froze
                          rpn_post_nms_per_image=True, roi_num_samples=512, roi_fg_fraction=0.25,
                          roi_fg_iou_threshold=0.5, roi_bg_iou_threshold=0.5, box_roi_size=7,
                          mask_roi_size=14, sampling_ratio=2, detection_score_threshold=0.05,
-                         detection_iou_threshold=0.5, max_detections=100, mask_size=28):
+                         detection_iou_threshold=0.5, max_detections=100, mask_size=28,
+                         backbone_checkpoint=None):
     """Builds a Mask R-CNN model from plain arguments (see `MaskRCNNModel` for the settings).
 
     Args:
@@ -38,15 +40,21 @@ def build_maskrcnn_model(num_classes=81, backbone_depth=50, backbone_norm="froze
       box_head_mlp_dim: width of the box head's two fc layers.
       mask_head_num_convs, mask_head_num_filters: the mask head's 3x3 conv tower.
       mask_size: side of the mask head's output, 2 * mask_roi_size (the head upsamples by 2).
+      backbone_checkpoint: optional prefix of a backbone checkpoint written by
+        `tools.convert_r50_pkl` or `tools.convert_keras_resnet50`; restored into the backbone
+        here, before the first step (a mismatch raises `ConversionError`).
       other arguments: passed to `MaskRCNNModel` unchanged.
     Returns:
-      a `maskrcnn_model.MaskRCNNModel` (unbuilt: variables are created on the first call).
+      a `maskrcnn_model.MaskRCNNModel` (the backbone is built when a checkpoint is restored,
+      everything else on the first call).
     """
     if mask_size != 2 * mask_roi_size:
         raise ValueError(f"build_maskrcnn_model: the mask head upsamples by 2, so mask_size must "
                          f"be 2 * mask_roi_size = {2 * mask_roi_size}, found {mask_size}.")
     backbone = resnet.ResNet(depth=backbone_depth, norm=backbone_norm, freeze_at=freeze_at,
                              name="resnet")
+    if backbone_checkpoint:
+        convert_r50_pkl.load_backbone_checkpoint(backbone, backbone_checkpoint)
     decoder = fpn.FPN(num_filters=fpn_num_filters, name="fpn")
     rpn = rpn_head.RPNHead(num_anchors=len(aspect_ratios), num_filters=fpn_num_filters,
                            name="rpn_head")

@@ -5,6 +5,8 @@ M the side of the gt mask crops (112); T max detections; Q mask side (28); K cla
 background.
 """
 
+import os
+
 import gin
 import numpy as np
 import tensorflow as tf
@@ -12,6 +14,8 @@ import tf_keras
 from absl.testing import parameterized
 
 from official_maskrcnn.modeling import factory, maskrcnn_model
+from official_maskrcnn.modeling.backbones import resnet
+from official_maskrcnn.tools import convert_r50_pkl
 
 BATCH = 2
 IMAGE_SIDE = 128
@@ -229,6 +233,21 @@ class FactoryTest(tf.test.TestCase):
         self.assertEqual(model.backbone.get_config()["depth"], 18)
         self.assertEqual(model.box_head.get_config()["num_classes"], 7)
         self.assertEqual(model.mask_head.get_config()["num_classes"], 7)
+
+    def test_backbone_checkpoint_is_restored_before_the_first_step(self):
+        source = resnet.ResNet(depth=18, norm="frozen_bn")
+        source(tf.zeros([1, 64, 64, 3]))
+        kernel = source.get_layer("conv1").kernel
+        kernel.assign(tf.fill(kernel.shape, 0.125))
+        prefix = os.path.join(self.create_tempdir().full_path, "backbone")
+        tf.train.Checkpoint(backbone=source).write(prefix)
+        model = factory.build_maskrcnn_model(num_classes=3, backbone_depth=18,
+                                             backbone_checkpoint=prefix)
+        restored = model.backbone.get_layer("conv1").kernel
+        self.assertAllEqual(restored, tf.fill(kernel.shape, 0.125))
+        with self.assertRaises(convert_r50_pkl.ConversionError):
+            factory.build_maskrcnn_model(num_classes=3, backbone_depth=34,
+                                         backbone_checkpoint=prefix)
 
     def test_rejects_inconsistent_mask_size(self):
         with self.assertRaisesRegex(ValueError, "mask_size"):
