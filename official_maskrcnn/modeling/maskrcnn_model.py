@@ -27,6 +27,7 @@ from official_maskrcnn.ops import anchors as anchors_lib
 from official_maskrcnn.ops import box_ops, mask_targets, nms, proposals, roi_align, roi_targets
 from official_maskrcnn.ops import rpn_targets as rpn_targets_lib
 
+PARTS = ("backbone", "decoder", "rpn_head", "box_head", "mask_head")
 LOSS_NAMES = ("rpn_score_loss", "rpn_box_loss", "frcnn_class_loss", "frcnn_box_loss", "mask_loss")
 # FPN levels the RPN sees (P2..P6) and the ROI heads pool from (P2..P5).
 RPN_LEVELS = ("2", "3", "4", "5", "6")
@@ -108,13 +109,16 @@ class MaskRCNNModel(tf_keras.Model):
         self._box_coder = box_ops.BoxCoder(box_ops.HEAD_BOX_CODER_WEIGHTS)
 
     def get_config(self):
-        return {"name": self.name, **self._settings}
+        """The plain settings plus each injected part serialised by Keras (its own config)."""
+        parts = {part: tf_keras.layers.serialize(getattr(self, part)) for part in PARTS}
+        return {"name": self.name, **self._settings, **parts}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        raise NotImplementedError(
-            "MaskRCNNModel.from_config: the injected parts are not serialised; rebuild the model "
-            "with official_maskrcnn.modeling.factory.build_maskrcnn_model(...).")
+        config = dict(config)
+        parts = {part: tf_keras.layers.deserialize(config.pop(part), custom_objects=custom_objects)
+                 for part in PARTS}
+        return cls(**parts, **config)
 
     # ---------------------------------------------------------------- shared pieces
 

@@ -161,6 +161,7 @@ class BasicBlock(tf_keras.layers.Layer):
         return {**super().get_config(), **self._config}
 
 
+@tf_keras.utils.register_keras_serializable(package="official_maskrcnn")
 class ResNet(tf_keras.Model):
     """MSRA ResNet backbone returning {"2": C2, "3": C3, "4": C4, "5": C5}.
 

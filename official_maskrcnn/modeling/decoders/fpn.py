@@ -41,6 +41,7 @@ def upsample_nearest_x2(features):
     return tf.repeat(tf.repeat(features, 2, axis=1), 2, axis=2)
 
 
+@tf_keras.utils.register_keras_serializable(package="official_maskrcnn")
 class FPN(tf_keras.layers.Layer):
     """Feature Pyramid Network: backbone features C2..C5 -> pyramid P2..P6 of F channels.
 

@@ -26,6 +26,7 @@ CLASS_INIT_STDDEV = 0.01
 BOX_INIT_STDDEV = 0.001
 
 
+@tf_keras.utils.register_keras_serializable(package="official_maskrcnn")
 class BoxHead(tf_keras.layers.Layer):
     """Two-fc MLP on ROI features, then class logits and class-specific box deltas."""
 

@@ -31,6 +31,7 @@ def msra_fill():
         scale=2.0, mode="fan_out", distribution="untruncated_normal")
 
 
+@tf_keras.utils.register_keras_serializable(package="official_maskrcnn")
 class MaskHead(tf_keras.layers.Layer):
     """Per-class 2M x 2M mask logits for every ROI."""
 

@@ -26,6 +26,7 @@ NUM_ANCHORS_PER_LOCATION = 3
 RPN_INIT_STDDEV = 0.01
 
 
+@tf_keras.utils.register_keras_serializable(package="official_maskrcnn")
 class RPNHead(tf_keras.layers.Layer):
     """Objectness logits and anchor deltas for every anchor of every FPN level."""
 

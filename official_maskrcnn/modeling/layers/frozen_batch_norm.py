@@ -12,6 +12,7 @@ import tensorflow as tf
 import tf_keras
 
 
+@tf_keras.utils.register_keras_serializable(package="official_maskrcnn")
 class FrozenBatchNorm(tf_keras.layers.Layer):
     """y = x * scale + bias with non-trainable per-channel `scale` and `bias`.
 
