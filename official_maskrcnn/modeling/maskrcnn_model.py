@@ -82,6 +82,10 @@ class MaskRCNNModel(tf_keras.Model):
           mask_size: Q, side of the mask head's output (28).
           **kwargs: tf_keras.Model arguments (name, ...).
         """
+        if mask_size != 2 * mask_roi_size:
+            raise ValueError(f"MaskRCNNModel: the mask head upsamples its ROI features by 2, so "
+                             f"mask_size must be 2 * mask_roi_size = {2 * mask_roi_size}, found "
+                             f"{mask_size}.")
         super().__init__(**kwargs)
         self.backbone = backbone
         self.decoder = decoder
