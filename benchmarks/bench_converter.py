@@ -44,7 +44,6 @@ as the dataset grows (compare ``--scale 1`` with ``--scale 4``).
 import argparse
 import datetime
 import glob
-import importlib.metadata
 import json
 import os
 import platform
@@ -56,6 +55,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from machine import cpu_model, mem_total_gib, package_version
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "coco128"))
@@ -532,35 +533,6 @@ def ratios(variants, summary, workers_list):
             }
         )
     return rows
-
-
-def cpu_model():
-    """CPU model name from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mem_total_gib():
-    """Total RAM in GiB from /proc/meminfo."""
-    with open("/proc/meminfo", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2.0**20
-    return float("nan")
-
-
-def package_version(name):
-    """Installed version of a distribution (importlib.metadata, nothing is imported)."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def machine_info():

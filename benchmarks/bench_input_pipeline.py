@@ -64,7 +64,6 @@ and the ratios ours / Model Garden (> 1: ours faster), as Markdown on stdout.
 import argparse
 import datetime
 import glob
-import importlib.metadata
 import json
 import os
 import platform
@@ -78,6 +77,7 @@ import time
 
 import numpy as np
 import tensorflow as tf
+from machine import cpu_model, mem_total_gib, package_version
 from official.vision.dataloaders import maskrcnn_input, tf_example_decoder
 from official.vision.ops import anchor
 
@@ -517,35 +517,6 @@ def ratio_rows(summary, threads_list):
             }
         )
     return rows
-
-
-def cpu_model():
-    """CPU model name from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mem_total_gib():
-    """Total RAM in GiB from /proc/meminfo."""
-    with open("/proc/meminfo", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2.0**20
-    return float("nan")
-
-
-def package_version(name):
-    """Installed version of a distribution."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def machine_info():

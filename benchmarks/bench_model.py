@@ -26,7 +26,6 @@ What it reports, as Markdown:
 
 import argparse
 import datetime
-import importlib.metadata
 import os
 import platform
 import shlex
@@ -36,6 +35,7 @@ import time
 import traceback
 
 import numpy as np
+from machine import cpu_model, package_version
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 81
@@ -65,24 +65,6 @@ def parse_args(argv):
 
 
 # ------------------------------------------------------------------ machine
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def package_version(name):
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def machine_line():
