@@ -1,0 +1,21 @@
+# MLPerf Training Mask R-CNN (TF 2.20 / tf_keras) on the official TensorFlow GPU image, whose
+# TensorFlow and Python (3.11) match the pins in setup.cfg.
+#
+#   docker build -t official_maskrcnn .
+#   docker run --gpus all --rm -v /data/coco2017:/data -v /runs:/runs \
+#       -e DATA_DIR=/data -e MODEL_DIR=/runs/r1 official_maskrcnn
+FROM tensorflow/tensorflow:2.20.0-gpu
+
+# wget/unzip for download_dataset.sh; nothing else is needed beyond the image.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wget unzip \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /workspace/maskrcnn
+COPY . .
+# Editable install: the pins of setup.cfg (tensorflow~=2.20.0 is already satisfied by the image).
+RUN python -m pip install --no-cache-dir -e .
+
+# Stream training output (and its :::MLLOG lines) without buffering.
+ENV PYTHONUNBUFFERED=1
+CMD ["./run_and_time.sh"]
