@@ -202,6 +202,7 @@ def build_optimizer(
         warmup_factor=warmup_factor,
         decay_steps=decay_steps,
         decay_factor=decay_factor,
+        step_offset=1,  # the reference's n-th update (from 1) uses lr(n)
     )
     return MomentumSGD(
         learning_rate=learning_rate,

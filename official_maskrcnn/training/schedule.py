@@ -6,10 +6,10 @@ passed. The MLPerf rules let a submission change the base rate and the decay ste
 global batch size; `reference_learning_rate`, `reference_decay_steps` and
 `reference_total_steps` implement those rules (docs/REFERENCE.md, "Optimiser and schedule").
 
-Steps count optimizer updates from 0: `lr(optimizer.iterations)` is the rate of the update being
-applied. The reference's trainer calls `scheduler.step()` before `optimizer.step()`, so its n-th
-update (n = 1, 2, ...) uses lr(n) where ours uses lr(n - 1): every change of rate happens one
-update later here than there, negligible over 90000 steps.
+The optimizer evaluates the schedule at its iteration count, 0 for the first update. The
+reference's trainer calls `scheduler.step()` before `optimizer.step()`, so its n-th update
+(n = 1, 2, ...) uses lr(n). `step_offset=1` reproduces that exactly (the rate of the first update
+is lr(1), the first decayed update is number decay_steps[0]); `build_optimizer` uses it.
 """
 
 import fractions
@@ -47,7 +47,8 @@ class WarmupStepDecay(tf_keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(
-        self, base_learning_rate, warmup_steps, warmup_factor, decay_steps, decay_factor=0.1
+        self, base_learning_rate, warmup_steps, warmup_factor, decay_steps, decay_factor=0.1,
+        step_offset=0
     ):
         """Stores and validates the schedule.
 
@@ -58,6 +59,8 @@ class WarmupStepDecay(tf_keras.optimizers.schedules.LearningRateSchedule):
           decay_steps: sequence of strictly increasing ints > 0, where the rate is multiplied
             by `decay_factor`; may be empty.
           decay_factor: float > 0, the multiplier applied at each decay step.
+          step_offset: int added to the step before evaluating (1: the reference's order of
+            scheduler and optimizer steps, see the module docstring).
         Raises:
           ValueError: if an argument is out of range.
         """
@@ -83,13 +86,14 @@ class WarmupStepDecay(tf_keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_factor = float(warmup_factor)
         self.decay_steps = [int(step) for step in decay_steps]
         self.decay_factor = float(decay_factor)
+        self.step_offset = int(step_offset)
 
     def __call__(self, step):
         """The rate for `step` (scalar, any numeric dtype) as a float32 scalar tensor."""
         with tf.name_scope("WarmupStepDecay"):
             # float32 throughout (no float64: TPUs' XLA lacks it); integer steps stay exact up
             # to 2**24, far beyond any training length.
-            step = tf.cast(step, tf.float32)
+            step = tf.cast(step, tf.float32) + float(self.step_offset)
             one = tf.constant(1.0, tf.float32)
             warmup = one
             if self.warmup_steps > 0:
@@ -110,6 +114,7 @@ class WarmupStepDecay(tf_keras.optimizers.schedules.LearningRateSchedule):
             "warmup_factor": self.warmup_factor,
             "decay_steps": list(self.decay_steps),
             "decay_factor": self.decay_factor,
+            "step_offset": self.step_offset,
         }
 
 

@@ -324,7 +324,10 @@ class BuildOptimizerTest(tf.test.TestCase):
         self.assertEqual(schedule.decay_steps, [30000, 40000])
         self.assertEqual(schedule.warmup_steps, 500)
         self.assertAllClose(schedule.warmup_factor, 1.0 / 3)
-        self.assertAllClose(schedule(0), 0.04 / 3, rtol=1e-6)
+        # The reference steps its scheduler before the first update: update 1 uses lr(1).
+        self.assertEqual(schedule.step_offset, 1)
+        self.assertAllClose(schedule(0), 0.04 * (1 / 3 + (2 / 3) / 500), rtol=1e-6)
+        self.assertAllClose(schedule(29999), 0.004, rtol=1e-6)
         config = optimizer.get_config()
         self.assertEqual(
             (config["momentum"], config["weight_decay"], config["bias_lr_factor"],

@@ -60,6 +60,13 @@ class WarmupStepDecayTest(tf.test.TestCase):
             base_learning_rate=0.5, warmup_steps=0, warmup_factor=0.0, decay_steps=())
         self.assertAllClose([lr(0), lr(10**5)], [0.5, 0.5], rtol=0, atol=0)
 
+    def test_step_offset_shifts_the_whole_schedule(self):
+        plain = schedule_lib.WarmupStepDecay(0.02, 500, 1 / 3, [60000, 80000])
+        shifted = schedule_lib.WarmupStepDecay(0.02, 500, 1 / 3, [60000, 80000], step_offset=1)
+        for step in (0, 1, 498, 499, 59998, 59999, 60000, 79999):
+            self.assertAllClose(shifted(step), plain(step + 1), rtol=1e-7)
+        self.assertEqual(shifted.get_config()["step_offset"], 1)
+
     def test_config_round_trip(self):
         lr = _reference_schedule()
         config = lr.get_config()

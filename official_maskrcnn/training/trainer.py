@@ -1,0 +1,296 @@
+"""The custom training loop: `strategy.run` of an XLA-compiled step, several steps per host call.
+
+One step, on every replica:
+  images + padded ground truth (one orientation per replica batch, padded to the static
+  landscape or portrait shape) -> model losses -> gradients of total_loss / num_replicas
+  (compiled with XLA when `jit_compile`) -> all-reduced (summed) by `apply_gradients`.
+Each replica normalises its losses over its own images and the gradients are averaged over
+replicas, as the reference's DistributedDataParallel does; N replicas with B/N images each
+therefore update the weights as one replica with B images does whenever the per-image sample
+counts are equal (exactly so for the RPN and box losses with full sampling).
+
+Static shapes: the input's element_spec has None spatial dims (two orientations), so the step
+branches on the orientation and pins each branch's shape with `tf.ensure_shape`: the model is
+traced and compiled once per padded shape, never per batch.
+
+Host calls: `steps_per_loop` steps run inside one `tf.function`; the loop stops early inside the
+call at the first step whose loss is not finite and that step's update is not applied (the
+weights stay those of the last good step), then `NonFiniteLossError` names the step, each loss
+and the learning rate.
+
+Position: the global step is the only state; epoch = step // steps_per_epoch and the batch
+inside the epoch = step % steps_per_epoch, so a resumed run asks the dataset for
+(epoch, start_batch) and sees exactly the batches the interrupted run would have seen. The model's
+sampling seed of each step and replica is (seed, step * replicas + replica), also a function of
+the step only.
+
+Preemption: SIGTERM / SIGINT set a flag; at the end of the current host call the loop saves a
+checkpoint and raises `Preempted` (every worker agrees on stopping through an all-reduce).
+"""
+
+import signal
+import time
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+from absl import logging
+
+from official_maskrcnn.modeling.maskrcnn_model import LOSS_NAMES
+
+ALL_LOSSES = LOSS_NAMES + ("total_loss",)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A step's loss is NaN or Inf; the message names the step, each loss and the learning rate."""
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM / SIGINT after saving a checkpoint; `signum` tells which."""
+
+    def __init__(self, signum, step, checkpoint):
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint {checkpoint}")
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class Trainer:
+    """Runs the training loop of DESIGN.md for a built model, optimizer and dataset.
+
+    Args:
+      strategy: the `tf.distribute.Strategy`; model and optimizer were created in its scope.
+      model: a `MaskRCNNModel` (training call: inputs dict -> loss dict).
+      optimizer: a tf_keras optimizer (possibly a `LossScaleOptimizer`).
+      train_data: callable (epoch, start_batch) -> the distributed dataset of that epoch,
+        starting at its batch `start_batch` (e.g. `DatasetBuilder.distribute`).
+      image_shapes: ((Hl, Wl), (Hp, Wp)) the static padded landscape and portrait shapes.
+      per_replica_batch_size: images per replica and step.
+      steps_per_epoch: steps of one epoch (the same on every input pipeline).
+      num_epochs: epochs to train (the run may stop earlier: max_steps, stop_training).
+      max_steps: optional cap on the global step (smoke runs, tests).
+      steps_per_loop: steps per host call.
+      jit_compile: compile the forward/backward step with XLA.
+      seed: python int, the model's sampling seed (mixed with the step).
+      checkpointer: optional `checkpointing.Checkpointer` of the model, optimizer and `step`.
+      checkpoint_every_n_steps: also save every N steps (0: only at epoch ends).
+      callbacks: tf_keras callbacks, driven through a `CallbackList`.
+      mlperf: optional `mlperf_logger.MLPerfLogger` (epoch_start / epoch_stop).
+      num_workers: processes in the cluster (stop requests are agreed on when > 1).
+    """
+
+    def __init__(self, strategy, model, optimizer, train_data, image_shapes,
+                 per_replica_batch_size, steps_per_epoch, num_epochs, max_steps=None,
+                 steps_per_loop=10, jit_compile=True, seed=0, checkpointer=None,
+                 checkpoint_every_n_steps=0, callbacks=(), mlperf=None, num_workers=1):
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, found {steps_per_epoch} (fewer "
+                             "training images than one global batch?)")
+        self.strategy = strategy
+        self.model = model
+        self.optimizer = optimizer
+        self.train_data = train_data
+        self.steps_per_epoch = steps_per_epoch
+        self.num_epochs = num_epochs
+        self.total_steps = steps_per_epoch * num_epochs
+        if max_steps:
+            self.total_steps = min(self.total_steps, max_steps)
+        self.steps_per_loop = max(1, steps_per_loop)
+        self.seed = seed
+        self.checkpointer = checkpointer
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.mlperf = mlperf
+        self.num_workers = num_workers
+        self.batch_size = per_replica_batch_size
+        self.global_batch_size = per_replica_batch_size * strategy.num_replicas_in_sync
+        (hl, wl), (hp, wp) = image_shapes
+        self.landscape_shape = [per_replica_batch_size, hl, wl, 3]
+        self.portrait_shape = [per_replica_batch_size, hp, wp, 3]
+        self.loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+        self.callbacks = tf_keras.callbacks.CallbackList(list(callbacks), model=model)
+        self._stop_signal = None
+
+        with strategy.scope():
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        compute = self._forward_backward
+        self._forward_backward_fn = tf.function(compute, jit_compile=jit_compile)
+        self._loop_fn = tf.function(self._loop)
+
+    # ------------------------------------------------------------------ the step
+
+    def _with_shape(self, inputs, image_shape):
+        inputs = dict(inputs)
+        inputs["images"] = tf.ensure_shape(inputs["images"], image_shape)
+        return inputs
+
+    def _forward_backward(self, inputs, seed):
+        """One replica: losses and gradients of total_loss / replicas (unscaled)."""
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            losses = self.model(dict(inputs, seed=seed), training=True)
+            loss = losses["total_loss"] / self.strategy.num_replicas_in_sync
+            if self.loss_scaled:
+                loss = self.optimizer.get_scaled_loss(loss)
+        grads = tape.gradient(loss, variables)
+        if self.loss_scaled:
+            grads = self.optimizer.get_unscaled_gradients(grads)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        return {key: losses[key] for key in ALL_LOSSES}, grads
+
+    def _replica_step(self, inputs, step):
+        context = tf.distribute.get_replica_context()
+        seed = tf.stack([tf.constant(self.seed, tf.int64),
+                         step * self.strategy.num_replicas_in_sync
+                         + tf.cast(context.replica_id_in_sync_group, tf.int64)])
+        images = inputs["images"]
+        portrait = tf.shape(images)[1] > tf.shape(images)[2]
+        return tf.cond(
+            portrait,
+            lambda: self._forward_backward_fn(self._with_shape(inputs, self.portrait_shape), seed),
+            lambda: self._forward_backward_fn(self._with_shape(inputs, self.landscape_shape),
+                                              seed))
+
+    def _apply(self, grads):
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+
+    def _loop(self, iterator, num_steps):
+        """Up to `num_steps` steps; stops after the first step with a non-finite loss.
+
+        Returns:
+          (mean losses over the finite steps, losses of the last step, steps run, last finite).
+        """
+        zero = {key: tf.constant(0.0) for key in ALL_LOSSES}
+        sums, last = dict(zero), dict(zero)
+        done = tf.constant(0, tf.int64)
+        finite = tf.constant(True)
+        for _ in tf.range(num_steps):
+            losses, grads = self.strategy.run(self._replica_step,
+                                              args=(next(iterator), self.step.read_value()))
+            last = {key: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+                    for key, value in losses.items()}
+            done += 1
+            finite = tf.reduce_all([tf.math.is_finite(value) for value in last.values()])
+            if not finite:
+                break
+            self.strategy.run(self._apply, args=(grads,))
+            self.step.assign_add(1)
+            sums = {key: sums[key] + last[key] for key in ALL_LOSSES}
+        good = tf.cast(tf.maximum(done - tf.cast(tf.logical_not(finite), tf.int64), 1),
+                       tf.float32)
+        return {key: sums[key] / good for key in ALL_LOSSES}, last, done, finite
+
+    # ------------------------------------------------------------------ the host loop
+
+    def learning_rate(self):
+        """The learning rate the optimizer's next update uses (python float)."""
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        rate = optimizer.learning_rate
+        if isinstance(rate, tf_keras.optimizers.schedules.LearningRateSchedule):
+            rate = rate(optimizer.iterations)
+        return float(rate.numpy() if hasattr(rate, "numpy") else rate)
+
+    def build(self):
+        """Creates the model's and optimizer's variables (before a restore, so it is checked)."""
+        if not self.model.built or not self.model.trainable_variables:
+            raise ValueError("build the model (one call) before creating the Trainer's state")
+        with self.strategy.scope():
+            self.optimizer.build(self.model.trainable_variables)
+
+    def save(self):
+        if self.checkpointer is None:
+            return None
+        return self.checkpointer.save(int(self.step.numpy()), self.model.variables)
+
+    def _install_signal_handlers(self):
+        def handler(signum, _):
+            logging.warning("signal %d received: checkpoint at the end of this host call, then "
+                            "exit", signum)
+            self._stop_signal = signum
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread (e.g. some test runners)
+                pass
+        return previous
+
+    def _stop_requested(self):
+        """Whether any worker received a stop signal (agreed on by an all-reduce)."""
+        local = 0 if self._stop_signal is None else self._stop_signal
+        if self.num_workers == 1:
+            return local
+        value = self.strategy.reduce(
+            tf.distribute.ReduceOp.MAX,
+            self.strategy.run(lambda: tf.constant(local, tf.int32)), axis=None)
+        return int(value.numpy())
+
+    def _check_finite(self, last, finite, step_after):
+        if finite:
+            return
+        failing = int(step_after) + 1  # 1-based number of the step that failed
+        values = ", ".join(f"{key}={float(value):.6g}" for key, value in last.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at step {failing} (epoch {(failing - 1) // self.steps_per_epoch + 1}"
+            f"): {values}; learning_rate={self.learning_rate():.6g}. The step's update was not "
+            f"applied and no checkpoint was written after it; the newest checkpoint is "
+            f"{self.checkpointer.latest if self.checkpointer else None}.")
+
+    def train(self):
+        """Trains from the restored position to `total_steps`; returns the final logs dict."""
+        previous_handlers = self._install_signal_handlers()
+        try:
+            return self._train()
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+
+    def _train(self):
+        step = int(self.step.numpy())
+        logs = {}
+        self.model.stop_training = False
+        self.callbacks.on_train_begin()
+        if step:
+            logging.info("resuming at step %d (epoch %d, batch %d)", step,
+                         step // self.steps_per_epoch + 1, step % self.steps_per_epoch)
+        while step < self.total_steps and not self.model.stop_training:
+            epoch = step // self.steps_per_epoch
+            epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
+            if self.mlperf:
+                self.mlperf.epoch_start(epoch + 1)
+            self.callbacks.on_epoch_begin(epoch)
+            iterator = iter(self.train_data(epoch, step - epoch * self.steps_per_epoch))
+            while step < epoch_end:
+                num_steps = min(self.steps_per_loop, epoch_end - step)
+                self.callbacks.on_train_batch_begin(step)
+                start = time.perf_counter()
+                means, last, done, finite = self._loop_fn(iterator, tf.constant(num_steps))
+                seconds = time.perf_counter() - start
+                self._check_finite(last, bool(finite), self.step.numpy())
+                step = int(self.step.numpy())
+                done = int(done)
+                logs = {key: float(value) for key, value in means.items()}
+                logs.update(step=step, epoch=epoch + 1, steps=done, seconds=seconds,
+                            learning_rate=self.learning_rate(),
+                            images_per_second=done * self.global_batch_size / seconds)
+                self.callbacks.on_train_batch_end(step - 1, logs)
+                signum = self._stop_requested()
+                if signum:
+                    raise Preempted(signum, step, self.save())
+                if (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0
+                        and step < epoch_end):
+                    self.save()
+                if self.model.stop_training:
+                    break
+            if self.mlperf:
+                self.mlperf.epoch_stop(epoch + 1)
+            if step == epoch_end:
+                self.save()
+            self.callbacks.on_epoch_end(epoch, logs)
+        self.callbacks.on_train_end(logs)
+        return logs
+
+
+def weights_finite(variables):
+    """Whether every floating-point variable is finite (host check)."""
+    return all(np.isfinite(v.numpy()).all() for v in variables if v.dtype.is_floating)
