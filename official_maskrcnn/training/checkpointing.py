@@ -88,7 +88,8 @@ class Checkpointer:
         for path in listed:
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
-            except (tf.errors.OpError, ValueError, AssertionError) as e:
+            # A damaged file surfaces as any of OpError, IndexError, ValueError, DecodeError...
+            except Exception as e:  # pylint: disable=broad-except
                 reason = getattr(e, "message", str(e)).splitlines()[0][:300]
                 failures.append(f"{path}: {type(e).__name__}: {reason}")
                 logging.warning("checkpoint %s cannot be restored (%s: %s); trying the "
