@@ -23,8 +23,7 @@ import tensorflow as tf
 import tf_keras
 from absl import app, flags, logging
 
-from official_maskrcnn.data import dataset_builder
-from official_maskrcnn.data import preprocess_ops
+from official_maskrcnn.data import dataset_builder, preprocess_ops
 from official_maskrcnn.modeling import factory, summary
 from official_maskrcnn.training import callbacks as callbacks_lib
 from official_maskrcnn.training import checkpointing, distribution, mlperf_logger
