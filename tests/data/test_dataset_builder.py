@@ -47,7 +47,40 @@ def as_numpy(batch):
     return {key: value.numpy() for key, value in batch.items()}
 
 
-class DatasetBuilderTest(tf.test.TestCase):
+def source_ids(dataset):
+    """[num_batches] lists of the source ids of each batch."""
+    return [batch["source_id"].numpy().tolist() for batch in dataset]
+
+
+def assert_same_batches(test, a, b):
+    test.assertEqual(len(a), len(b))
+    for x, y in zip(a, b):
+        test.assertEqual(set(x), set(y))
+        for key in x:
+            test.assertAllEqual(x[key], y[key])
+
+
+class CountingParser:
+    """Wraps a TrainParser and counts its calls (decode + resize), from inside tf.data."""
+
+    def __init__(self, parser):
+        self.parser = parser
+        self.calls = 0
+
+    def __call__(self, parsed, seed):
+        outputs = self.parser(parsed, seed)
+
+        def count(source_id):
+            self.calls += 1
+            return source_id
+
+        counted = tf.py_function(count, [outputs["source_id"]], tf.int64)
+        outputs["source_id"] = tf.ensure_shape(counted, [])
+        return outputs
+
+
+class RecordsTestCase(tf.test.TestCase):
+    """Shares one tiny converted dataset (two shards) between the tests of a class."""
 
     @classmethod
     def setUpClass(cls):
@@ -61,9 +94,12 @@ class DatasetBuilderTest(tf.test.TestCase):
         shutil.rmtree(cls.tmp)
         super().tearDownClass()
 
-    def builder(self, is_training=True, batch=2, **kwargs):
-        kwargs = {**SMALL, "seed": 3, **kwargs}
-        return db.DatasetBuilder(self.pattern, is_training, batch, **kwargs)
+    def builder(self, is_training=True, batch=2, pattern=None, **kwargs):
+        kwargs = {**SMALL, "seed": 3, "mask_size": 16, **kwargs}
+        return db.DatasetBuilder(pattern or self.pattern, is_training, batch, **kwargs)
+
+
+class DatasetBuilderTest(RecordsTestCase):
 
     def test_training_filters_crowd_only_and_empty_images_and_counts_them(self):
         builder = self.builder(batch=1, repeat=False)
@@ -136,8 +172,8 @@ class DatasetBuilderTest(tf.test.TestCase):
         self.assertTrue(flipped_any)
 
     def test_train_sharding_by_record_gives_disjoint_pipelines(self):
-        one_file = self.builder(batch=2, repeat=False)
-        one_file.files = one_file.files[:1]  # fewer files than pipelines: shard by record
+        first_file = sorted(tf.io.gfile.glob(self.pattern))[0]
+        one_file = self.builder(batch=2, pattern=first_file)  # 1 file, 2 pipelines: by record
         seen = []
         for pipeline_id in range(2):
             context = tf.distribute.InputContext(2, pipeline_id, 2)
@@ -187,6 +223,161 @@ class DatasetBuilderTest(tf.test.TestCase):
                         self.assertGreater(s[0], 0)
         self.assertCountEqual(seen, list(self.images))
         self.assertGreater(steps, 0)
+
+
+class TrainEpochTest(RecordsTestCase):
+    """Training as a function of (seed, epoch, start_batch); expectations from the COCO json."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.files = sorted(tf.io.gfile.glob(cls.pattern))
+        cls.records = []  # (source_id, file_index) in the global record order
+        for file_index, path in enumerate(cls.files):
+            for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
+                feature = tf.train.Example.FromString(serialized).features.feature
+                cls.records.append((int(feature["image/source_id"].bytes_list.value[0]),
+                                    file_index))
+
+    def is_portrait(self, image_id):
+        return self.images[image_id]["height"] >= self.images[image_id]["width"]
+
+    def expected_layout(self, num_pipelines, batch_size, replicas=1):
+        """([P] lists of the trainable ids of each pipeline, steps per epoch), by hand."""
+        by_file = len(self.files) >= num_pipelines
+        ids = [[] for _ in range(num_pipelines)]
+        for index, (source_id, file_index) in enumerate(self.records):
+            if source_id in self.usable_ids:
+                ids[(file_index if by_file else index) % num_pipelines].append(source_id)
+
+        def batches(mine):
+            portrait = sum(self.is_portrait(i) for i in mine)
+            return -(-portrait // batch_size) + -(-(len(mine) - portrait) // batch_size)
+
+        return ids, max(-(-batches(mine) // replicas) for mine in ids)
+
+    def test_same_epoch_same_batches_other_epoch_other_order(self):
+        a = [as_numpy(b) for b in self.builder(batch=2)(epoch=1)]
+        b = [as_numpy(b) for b in self.builder(batch=2)(epoch=1)]  # a fresh builder
+        assert_same_batches(self, a, b)
+        epoch_0 = source_ids(self.builder(batch=2)(epoch=0))
+        self.assertNotEqual(epoch_0, [x["source_id"].tolist() for x in a])
+        self.assertEqual({i for batch in epoch_0 for i in batch}, self.usable_ids)
+
+    def test_start_batch_is_the_epoch_without_its_first_batches_flips_included(self):
+        builder = self.builder(batch=2, flip_probability=0.5)
+        steps = builder.steps_per_epoch()
+        full = [as_numpy(b) for b in builder(epoch=2)]
+        self.assertLen(full, steps)
+        for start in (1, steps - 2):
+            resumed = [as_numpy(b) for b in builder(epoch=2, start_batch=start)]
+            assert_same_batches(self, resumed, full[start:])
+        self.assertEmpty(list(builder(epoch=2, start_batch=steps)))
+        with self.assertRaisesRegex(ValueError, r"start_batch must be in \[0, "):
+            builder(epoch=2, start_batch=steps + 1)
+        # The compared tail has flipped images, so the flip seeds were really put to the test.
+        plain = [as_numpy(b) for b in self.builder(batch=2, flip_probability=0.0)(epoch=2)]
+        self.assertEqual([x["source_id"].tolist() for x in plain],
+                         [x["source_id"].tolist() for x in full])
+        self.assertTrue(any(not np.array_equal(x["images"], y["images"])
+                            for x, y in zip(full[steps - 2:], plain[steps - 2:])))
+
+    def test_every_trainable_image_once_per_epoch_plus_the_documented_padding(self):
+        for batch_size in (2, 4):
+            builder = self.builder(batch=batch_size)
+            batches = source_ids(builder(epoch=0))
+            _, steps = self.expected_layout(1, batch_size)
+            plan = builder.epoch_plan()
+            self.assertEqual(plan["steps_per_epoch"], steps)
+            self.assertLen(batches, steps)
+            ids = [i for batch in batches for i in batch]
+            self.assertEqual(set(ids), self.usable_ids)
+            self.assertEqual(len(ids) - len(self.usable_ids), plan["duplicates"][0])
+            self.assertGreater(plan["duplicates"][0], 0)  # 11 images: some padding is needed
+            self.assertIn(f"{plan['duplicates'][0]} duplicate image(s)", builder.summary)
+            for batch in batches:  # padding keeps each batch to one orientation
+                self.assertLen({self.is_portrait(i) for i in batch}, 1)
+
+    def test_steps_per_epoch_is_the_batch_count_of_every_pipeline(self):
+        # (pipelines, global batch, replicas per pipeline): one pipeline; two by file (7 and 4
+        # images: fillers); three by record (2 files; a pipeline with 1 landscape image: padded
+        # with itself); two replicas fed by one pipeline; 2 x 2 (7 batches -> 8: a filler).
+        for num_pipelines, global_batch, replicas in [(1, 2, 1), (2, 4, 1), (3, 6, 1),
+                                                      (1, 4, 2), (2, 4, 2)]:
+            with self.subTest(pipelines=num_pipelines, replicas=replicas):
+                builder = self.builder(batch=global_batch)
+                per_replica = global_batch // (num_pipelines * replicas)
+                ids, steps = self.expected_layout(num_pipelines, per_replica, replicas)
+                self.assertEqual(builder.steps_per_epoch(num_pipelines, replicas), steps)
+                for pipeline_id in range(num_pipelines):
+                    context = tf.distribute.InputContext(num_pipelines, pipeline_id,
+                                                         num_pipelines * replicas)
+                    batches = source_ids(builder(context, epoch=1))
+                    self.assertLen(batches, steps * replicas)
+                    self.assertTrue(all(len(batch) == per_replica for batch in batches))
+                    self.assertEqual({i for batch in batches for i in batch},
+                                     set(ids[pipeline_id]))
+
+    def test_skipped_batches_are_never_decoded(self):
+        builder = self.builder(batch=2)
+        steps = builder.steps_per_epoch()
+        counter = builder.parser = CountingParser(builder.parser)
+        self.assertLen(list(builder(epoch=0, start_batch=steps - 1)), 1)
+        self.assertEqual(counter.calls, 2)  # only the last batch's two images
+        self.assertLen(list(builder(epoch=0)), steps)
+        self.assertEqual(counter.calls, 2 + 2 * steps)
+
+    def test_epoch_none_streams_the_epochs_one_after_another(self):
+        builder = self.builder(batch=2)
+        steps = builder.steps_per_epoch()
+        epochs = [[as_numpy(b) for b in builder(epoch=e)] for e in range(2)]
+        stream = [as_numpy(b) for b in builder(epoch=None, start_batch=steps - 1).take(steps + 1)]
+        assert_same_batches(self, stream, epochs[0][-1:] + epochs[1])
+        once = self.builder(batch=2, repeat=False)
+        self.assertEqual(source_ids(once(epoch=None)), source_ids(builder(epoch=0)))
+
+    def test_train_element_spec_is_static_but_for_the_orientation(self):
+        spec = self.builder(batch=2, max_instances=6, mask_size=16)().element_spec
+        self.assertEqual(spec["images"].shape.as_list(), [2, None, None, 3])
+        self.assertEqual(spec["gt_boxes"].shape.as_list(), [2, 6, 4])
+        self.assertEqual(spec["gt_masks"].shape.as_list(), [2, 6, 16, 16])
+        self.assertEqual(spec["source_id"].shape.as_list(), [2])
+
+    def test_two_replicas_of_one_pipeline_under_mirrored_strategy(self):
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        self.assertLen(devices, 2)
+        strategy = tf.distribute.MirroredStrategy(devices)
+        builder = self.builder(batch=4)  # 2 images per replica
+        steps = builder.steps_per_epoch(1, 2)
+
+        def run(start_batch):
+            steps_seen = []
+            for batch in builder.distribute(strategy, epoch=1, start_batch=start_batch):
+                for images in strategy.experimental_local_results(batch["images"]):
+                    self.assertIn(tuple(images.shape), [(2, 64, 96, 3), (2, 96, 64, 3)])
+                steps_seen.append([ids.numpy().tolist() for ids in
+                                   strategy.experimental_local_results(batch["source_id"])])
+            return steps_seen
+
+        full = run(0)
+        self.assertLen(full, steps)
+        self.assertEqual({i for step in full for ids in step for i in ids}, self.usable_ids)
+        self.assertEqual(run(steps - 2), full[-2:])
+        # The strategy hands the pipeline's consecutive batches to consecutive replicas.
+        pipeline = source_ids(builder(tf.distribute.InputContext(1, 0, 2), epoch=1))
+        self.assertEqual([ids for step in full for ids in step], pipeline)
+
+    def test_cached_records_give_the_same_epoch_again(self):
+        builder = self.builder(batch=2, cache=True)
+        first = source_ids(builder(epoch=1))  # fills the cache
+        self.assertEqual({i for batch in first for i in batch}, self.usable_ids)
+        self.assertEqual(source_ids(builder(epoch=1, start_batch=2)), first[2:])
+        self.assertNotEqual(source_ids(builder(epoch=0)), first)
+
+    def test_a_pipeline_without_records_is_an_input_error(self):
+        builder = self.builder(batch=20)
+        with self.assertRaisesRegex(db.InputError, "input pipeline .* of 20 has no trainable"):
+            builder.steps_per_epoch(20)
 
 
 class GinTest(tf.test.TestCase):
