@@ -130,7 +130,7 @@ def run(model_dir, strategy="default", num_gpus=None, global_batch_size=16, num_
         parser.min_size, parser.max_size, parser.size_divisibility, portrait=p)
         for p in (False, True))
 
-    schedule = getattr(optimizer, "inner_optimizer", optimizer).learning_rate
+    schedule = optimizer_lib.learning_rate_schedule(optimizer)
     model_config = model.get_config()
     mllog.hyperparameters(
         global_batch_size=global_batch_size, train_samples=train_builder.num_train_images,

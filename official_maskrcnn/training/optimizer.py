@@ -210,3 +210,22 @@ def build_optimizer(
         weight_decay=weight_decay,
         bias_lr_factor=bias_lr_factor,
     )
+
+
+def learning_rate_schedule(optimizer):
+    """The schedule (or the constant rate) `optimizer` was built with.
+
+    Unwraps a `LossScaleOptimizer`. tf_keras's `optimizer.learning_rate` is not it: with a
+    schedule, that property returns the rate of the *last* update.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner._learning_rate  # pylint: disable=protected-access
+
+
+def next_learning_rate(optimizer):
+    """The rate the optimizer's next update uses, as a python float."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    rate = learning_rate_schedule(optimizer)
+    if isinstance(rate, tf_keras.optimizers.schedules.LearningRateSchedule):
+        rate = rate(inner.iterations)
+    return float(tf.convert_to_tensor(rate).numpy())

@@ -38,12 +38,14 @@ import tf_keras
 from absl import logging
 
 from official_maskrcnn.modeling.maskrcnn_model import LOSS_NAMES
+from official_maskrcnn.training import optimizer as optimizer_lib
 
 ALL_LOSSES = LOSS_NAMES + ("total_loss",)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A step's loss is NaN or Inf; the message names the step, each loss and the learning rate."""
+    """A step has a NaN / Inf loss or gradient; the message names the step, each loss and the
+    learning rate."""
 
 
 class Preempted(Exception):
@@ -121,12 +123,15 @@ class Trainer:
     # ------------------------------------------------------------------ the step
 
     def _with_shape(self, inputs, image_shape):
-        inputs = dict(inputs)
-        inputs["images"] = tf.ensure_shape(inputs["images"], image_shape)
-        return inputs
+        """Pins the static batch size of every input and the image shape of one orientation."""
+        pinned = {key: tf.ensure_shape(value, [self.batch_size] + value.shape[1:].as_list())
+                  for key, value in inputs.items()}
+        pinned["images"] = tf.ensure_shape(inputs["images"], image_shape)
+        return pinned
 
     def _forward_backward(self, inputs, seed):
-        """One replica: losses and gradients of total_loss / replicas (unscaled)."""
+        """One replica: losses, gradients of total_loss / replicas (unscaled), and whether those
+        gradients are finite (a finite loss can still have NaN gradients)."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             losses = self.model(dict(inputs, seed=seed), training=True)
@@ -137,7 +142,10 @@ class Trainer:
         if self.loss_scaled:
             grads = self.optimizer.get_unscaled_gradients(grads)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
-        return {key: losses[key] for key in ALL_LOSSES}, grads
+        losses = {key: losses[key] for key in ALL_LOSSES}
+        losses["gradients_finite"] = tf.cast(
+            tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
+        return losses, grads
 
     def _replica_step(self, inputs, step):
         context = tf.distribute.get_replica_context()
@@ -156,13 +164,17 @@ class Trainer:
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
 
     def _loop(self, iterator, num_steps):
-        """Up to `num_steps` steps; stops after the first step with a non-finite loss.
+        """Up to `num_steps` steps; stops at the first non-finite step without applying it.
 
+        A step is non-finite when a loss is NaN / Inf, or (without loss scaling, which skips
+        such steps itself) when a gradient is.
         Returns:
-          (mean losses over the finite steps, losses of the last step, steps run, last finite).
+          (mean losses over the applied steps, losses of the last step run, steps run, whether
+          the last step was finite).
         """
         zero = {key: tf.constant(0.0) for key in ALL_LOSSES}
-        sums, last = dict(zero), dict(zero)
+        sums = dict(zero)
+        last = dict(zero, gradients_finite=tf.constant(1.0))
         done = tf.constant(0, tf.int64)
         finite = tf.constant(True)
         for _ in tf.range(num_steps):
@@ -171,25 +183,23 @@ class Trainer:
             last = {key: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
                     for key, value in losses.items()}
             done += 1
-            finite = tf.reduce_all([tf.math.is_finite(value) for value in last.values()])
+            finite = tf.reduce_all([tf.math.is_finite(last[key]) for key in ALL_LOSSES])
+            if not self.loss_scaled:
+                finite = tf.logical_and(finite, last["gradients_finite"] == 1.0)
             if not finite:
                 break
             self.strategy.run(self._apply, args=(grads,))
             self.step.assign_add(1)
             sums = {key: sums[key] + last[key] for key in ALL_LOSSES}
-        good = tf.cast(tf.maximum(done - tf.cast(tf.logical_not(finite), tf.int64), 1),
-                       tf.float32)
-        return {key: sums[key] / good for key in ALL_LOSSES}, last, done, finite
+        applied = done - tf.cast(tf.logical_not(finite), tf.int64)
+        count = tf.cast(tf.maximum(applied, 1), tf.float32)
+        return {key: sums[key] / count for key in ALL_LOSSES}, last, done, finite
 
     # ------------------------------------------------------------------ the host loop
 
     def learning_rate(self):
         """The learning rate the optimizer's next update uses (python float)."""
-        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        rate = optimizer.learning_rate
-        if isinstance(rate, tf_keras.optimizers.schedules.LearningRateSchedule):
-            rate = rate(optimizer.iterations)
-        return float(rate.numpy() if hasattr(rate, "numpy") else rate)
+        return optimizer_lib.next_learning_rate(self.optimizer)
 
     def build(self):
         """Creates the model's and optimizer's variables (before a restore, so it is checked)."""
@@ -218,24 +228,26 @@ class Trainer:
 
     def _stop_requested(self):
         """Whether any worker received a stop signal (agreed on by an all-reduce)."""
-        local = 0 if self._stop_signal is None else self._stop_signal
+        local = self._stop_signal or 0
         if self.num_workers == 1:
             return local
-        value = self.strategy.reduce(
-            tf.distribute.ReduceOp.MAX,
-            self.strategy.run(lambda: tf.constant(local, tf.int32)), axis=None)
-        return int(value.numpy())
+        # ReduceOp has only SUM and MEAN: count the workers that were signalled.
+        signalled = self.strategy.reduce(
+            tf.distribute.ReduceOp.SUM,
+            self.strategy.run(lambda: tf.constant(1.0 if local else 0.0)), axis=None)
+        return local or (signal.SIGTERM if float(signalled) > 0 else 0)
 
     def _check_finite(self, last, finite, step_after):
         if finite:
             return
         failing = int(step_after) + 1  # 1-based number of the step that failed
-        values = ", ".join(f"{key}={float(value):.6g}" for key, value in last.items())
+        values = ", ".join(f"{key}={float(last[key]):.6g}" for key in ALL_LOSSES)
+        gradients = "finite" if float(last["gradients_finite"]) == 1.0 else "NOT finite"
         raise NonFiniteLossError(
-            f"non-finite loss at step {failing} (epoch {(failing - 1) // self.steps_per_epoch + 1}"
-            f"): {values}; learning_rate={self.learning_rate():.6g}. The step's update was not "
-            f"applied and no checkpoint was written after it; the newest checkpoint is "
-            f"{self.checkpointer.latest if self.checkpointer else None}.")
+            f"non-finite step {failing} (epoch {(failing - 1) // self.steps_per_epoch + 1}"
+            f"): {values}; gradients {gradients}; learning_rate={self.learning_rate():.6g}. "
+            f"The step's update was not applied and no checkpoint was written after it; the "
+            f"newest checkpoint is {self.checkpointer.latest if self.checkpointer else None}.")
 
     def train(self):
         """Trains from the restored position to `total_steps`; returns the final logs dict."""
