@@ -176,7 +176,8 @@ def run(model_dir, strategy="default", num_gpus=None, global_batch_size=16, num_
         mllog.close()
         raise
     print(f"final weights: step {int(trainer.step.numpy())}, fingerprint "
-          f"{trainer_lib.weights_fingerprint(model.variables)}", flush=True)
+          f"{trainer_lib.weights_fingerprint(model.variables)}, sum|w| "
+          f"{trainer_lib.weights_abs_sum(model.variables)!r}", flush=True)
     # Success means the accuracy target was reached (an evaluation callback says so).
     success = any(getattr(callback, "targets_met", False) for callback in extra_callbacks)
     mllog.run_stop(success=success)
