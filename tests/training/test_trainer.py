@@ -217,5 +217,47 @@ class LoopTest(TrainerTestBase):
         self.assertEqual(int(resumed.step.numpy()), 6)
 
 
+class PrecisionAndXlaTest(TrainerTestBase):
+    """Each policy / compilation mode trains two finite steps that change the float32 weights."""
+
+    def tearDown(self):
+        tf_keras.mixed_precision.set_global_policy("float32")
+        super().tearDown()
+
+    def train_two_steps(self, policy, jit_compile):
+        tf_keras.mixed_precision.set_global_policy(policy)
+        strategy = tf.distribute.get_strategy()
+        model, optimizer = self.build(strategy)
+        if policy == "mixed_float16":
+            optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+        before = [v.numpy() for v in model.trainable_variables]
+        trainer = self.trainer(strategy, model, optimizer, lambda e, k: self.batches[k],
+                               steps_per_epoch=2, num_epochs=1, steps_per_loop=2)
+        trainer._forward_backward_fn = tf.function(trainer._forward_backward,
+                                                   jit_compile=jit_compile)
+        logs = trainer.train()
+        for key in trainer_lib.ALL_LOSSES:
+            self.assertTrue(np.isfinite(logs[key]), (policy, key, logs[key]))
+        self.assertEqual(int(trainer.step.numpy()), 2)
+        for variable in model.trainable_variables:
+            self.assertEqual(variable.dtype, tf.float32)  # master weights stay float32
+        changed = sum(not np.array_equal(a, b.numpy())
+                      for a, b in zip(before, model.trainable_variables))
+        self.assertGreater(changed, len(before) // 2)
+        return model, optimizer
+
+    def test_mixed_float16_with_dynamic_loss_scaling(self):
+        model, optimizer = self.train_two_steps("mixed_float16", jit_compile=False)
+        self.assertEqual(model.backbone.compute_dtype, "float16")
+        self.assertGreater(float(optimizer.loss_scale.numpy()), 1.0)
+
+    def test_mixed_bfloat16(self):
+        model, _ = self.train_two_steps("mixed_bfloat16", jit_compile=False)
+        self.assertEqual(model.backbone.compute_dtype, "bfloat16")
+
+    def test_xla_compiled_step(self):
+        self.train_two_steps("float32", jit_compile=True)
+
+
 if __name__ == "__main__":
     tf.test.main()
