@@ -6,7 +6,7 @@ Exact command (from the repository root, after `make install`)::
 
 Each run is a fresh `python -m official_maskrcnn.train --gin_file configs/smoke_cpu.gin` on the
 smoke data (16 synthetic 96-px images, made once under runs/bench_smoke/), for `--epochs` epochs
-of 8 steps at 2 images per step; runs with `run.jit_compile = True` and `False` alternate. A
+of 8 steps at 2 images per step, without evaluation; runs with `run.jit_compile = True` and `False` alternate. A
 run's throughput is the median images/s of its progress lines after the first one (the first
 host call includes tracing and XLA compilation, reported separately as its wall time). Reported:
 the median over repeats of each, as Markdown.
@@ -58,7 +58,8 @@ def one_run(pattern, jit, epochs):
         [sys.executable, "-m", "official_maskrcnn.train", "--gin_file", "configs/smoke_cpu.gin",
          "--model_dir", model_dir,
          "--gin_param", f"train/DatasetBuilder.file_pattern = '{pattern}'",
-         "--gin_param", f"run.jit_compile = {jit}", "--gin_param", f"run.num_epochs = {epochs}"],
+         "--gin_param", f"run.jit_compile = {jit}", "--gin_param", f"run.num_epochs = {epochs}",
+         "--gin_param", "run.eval_annotations_file = None"],  # training only
         cwd=REPO, check=True, capture_output=True, text=True).stdout
     matches = [LINE.match(line) for line in out.splitlines()]
     matches = [m for m in matches if m]
