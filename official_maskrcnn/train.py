@@ -14,6 +14,7 @@ Gin: `run` below and the gin scopes `train/DatasetBuilder` (the training data),
 macros `num_gpus`, `seed` and `coco_annotations_file` exist so that `run_and_time.sh` can set them.
 """
 
+import inspect
 import os
 import sys
 
@@ -24,6 +25,8 @@ import tf_keras
 from absl import app, flags, logging
 
 from official_maskrcnn.data import dataset_builder, preprocess_ops
+from official_maskrcnn.evaluation import callback as callback_lib
+from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.modeling import factory, summary
 from official_maskrcnn.training import callbacks as callbacks_lib
 from official_maskrcnn.training import checkpointing, distribution, mlperf_logger
@@ -60,7 +63,10 @@ def run(model_dir, strategy="default", num_gpus=None, global_batch_size=16, num_
         max_steps=None, steps_per_loop=50, jit_compile=True, precision="float32", seed=None,
         checkpoint_every_n_steps=0, max_checkpoints=5, print_every=1,
         submission_org="official_maskrcnn", submission_division="closed",
-        submission_platform="unknown", submission_status="research", extra_callbacks=()):
+        submission_platform="unknown", submission_status="research", eval_annotations_file=None,
+        eval_batch_size=None, eval_interval=1, eval_async=False, eval_processes=1,
+        box_target=callback_lib.BOX_TARGET, mask_target=callback_lib.MASK_TARGET,
+        extra_callbacks=()):
     """Builds everything from gin and trains; returns the final logs dict.
 
     Args:
@@ -80,7 +86,14 @@ def run(model_dir, strategy="default", num_gpus=None, global_batch_size=16, num_
       max_checkpoints: newest checkpoints kept.
       print_every: print the progress line every N host calls.
       submission_*: the MLPerf log's submission fields.
-      extra_callbacks: more tf_keras callbacks (e.g. the COCO evaluation).
+      eval_annotations_file: the eval split's COCO annotation JSON; None: no evaluation. The
+        eval records come from the gin scope `eval/DatasetBuilder`.
+      eval_batch_size: eval images per step over all replicas (None: global_batch_size).
+      eval_interval: evaluate every N epochs.
+      eval_async: post-process evaluations in the background (one worker only).
+      eval_processes: processes pasting masks and encoding RLE.
+      box_target, mask_target: stop when both APs reach them (MLPerf: 0.377, 0.339).
+      extra_callbacks: more tf_keras callbacks.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"run.precision: expected one of {PRECISIONS}, found {precision!r}")
@@ -88,6 +101,9 @@ def run(model_dir, strategy="default", num_gpus=None, global_batch_size=16, num_
         strategy = "default"
     strategy_obj = distribution.build_strategy(strategy, num_gpus)
     worker_id, num_workers = distribution.worker_info(strategy_obj)
+    if eval_async and num_workers > 1:
+        raise ValueError("run.eval_async needs a single worker: workers would see results at "
+                         "different steps and disagree on when to stop")
     chief = worker_id == 0
     tf.io.gfile.makedirs(model_dir)
     mllog = mlperf_logger.MLPerfLogger(os.path.join(model_dir, "mlperf.log"), enabled=chief)
@@ -106,11 +122,8 @@ def run(model_dir, strategy="default", num_gpus=None, global_batch_size=16, num_
     logging.info("seed %d, %d replica(s) on %d worker(s), %d image(s) per replica, %s", seed,
                  replicas, num_workers, per_replica, precision)
     tf_keras.utils.set_random_seed(seed)
-    tf_keras.mixed_precision.set_global_policy(precision)
-
+    model = build_model(strategy_obj, precision)
     with strategy_obj.scope():
-        model = factory.build_maskrcnn_model()
-        model(dummy_training_inputs(), training=True)
         optimizer = optimizer_lib.build_optimizer(global_batch_size)
         if precision == "mixed_float16":
             optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
@@ -130,22 +143,25 @@ def run(model_dir, strategy="default", num_gpus=None, global_batch_size=16, num_
         parser.min_size, parser.max_size, parser.size_divisibility, portrait=p)
         for p in (False, True))
 
-    schedule = optimizer_lib.learning_rate_schedule(optimizer)
-    model_config = model.get_config()
-    mllog.hyperparameters(
-        global_batch_size=global_batch_size, train_samples=train_builder.num_train_images,
-        eval_samples=0, base_learning_rate=schedule.base_learning_rate,
-        warmup_steps=schedule.warmup_steps, warmup_factor=schedule.warmup_factor,
-        decay_steps=schedule.decay_steps, decay_factor=schedule.decay_factor,
-        num_image_candidates=num_image_candidates(model_config),
-        min_image_size=parser.min_size, max_image_size=parser.max_size, seed=seed)
+    callbacks = [callbacks_lib.ProgressLogger(
+        min(steps_per_epoch * num_epochs, max_steps or sys.maxsize), every=print_every)]
+    eval_callback = None
+    if eval_annotations_file:
+        eval_callback = build_eval_callback(
+            strategy_obj, model, eval_annotations_file,
+            eval_batch_size or global_batch_size, mllog,
+            os.path.join(model_dir, "metrics.jsonl") if chief else None,
+            interval=eval_interval, box_target=box_target, mask_target=mask_target,
+            asynchronous=eval_async, num_processes=eval_processes,
+            stream=sys.stdout if chief else None)
+        callbacks.append(eval_callback)
+
+    log_hyperparameters(mllog, optimizer, model, train_builder,
+                        eval_callback.evaluator.num_images if eval_callback else 0, seed)
 
     if chief:
         with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.operative_config_str())
-    callbacks = [callbacks_lib.ProgressLogger(
-        min(steps_per_epoch * num_epochs, max_steps or sys.maxsize), every=print_every)]
-    if chief:
         callbacks.append(callbacks_lib.ScalarSummaries(os.path.join(model_dir, "train")))
     callbacks.extend(extra_callbacks)
     trainer = trainer_lib.Trainer(
@@ -178,11 +194,60 @@ def run(model_dir, strategy="default", num_gpus=None, global_batch_size=16, num_
     print(f"final weights: step {int(trainer.step.numpy())}, fingerprint "
           f"{trainer_lib.weights_fingerprint(model.variables)}, sum|w| "
           f"{trainer_lib.weights_abs_sum(model.variables)!r}", flush=True)
-    # Success means the accuracy target was reached (an evaluation callback says so).
-    success = any(getattr(callback, "targets_met", False) for callback in extra_callbacks)
+    if eval_callback:
+        eval_callback.postprocessor.close()
+    # Success means the accuracy targets were reached (an evaluation callback says so).
+    success = any(getattr(callback, "targets_met", False) for callback in callbacks)
     mllog.run_stop(success=success)
     mllog.close()
     return logs
+
+
+def build_model(strategy, precision):
+    """The gin-configured model under `precision`, built (every variable created)."""
+    tf_keras.mixed_precision.set_global_policy(precision)
+    with strategy.scope():
+        model = factory.build_maskrcnn_model()
+        model(dummy_training_inputs(), training=True)
+    return model
+
+
+def build_eval_dataset(batch_size):
+    """The eval records, from the gin scope `eval/DatasetBuilder` (plus unscoped bindings)."""
+    with gin.config_scope("eval"):
+        return dataset_builder.DatasetBuilder(is_training=False, global_batch_size=batch_size)
+
+
+def build_eval_callback(strategy, model, annotations_file, batch_size, mllog, metrics_path,
+                        num_processes=1, **options):
+    """The per-epoch COCO evaluation."""
+    return callback_lib.COCOEvalCallback(
+        evaluator_lib.Evaluator(strategy, model, build_eval_dataset(batch_size)),
+        evaluator_lib.PostProcessor(annotations_file, num_processes), mlperf=mllog,
+        metrics_path=metrics_path, **options)
+
+
+def log_hyperparameters(mllog, optimizer, model, train_builder, eval_samples, seed):
+    """The MLPerf log's hyperparameter lines, from the objects actually built."""
+    schedule = optimizer_lib.learning_rate_schedule(optimizer)
+    parser = train_builder.parser
+    mllog.hyperparameters(
+        global_batch_size=train_builder.global_batch_size,
+        train_samples=train_builder.num_train_images, eval_samples=eval_samples,
+        base_learning_rate=schedule.base_learning_rate, warmup_steps=schedule.warmup_steps,
+        warmup_factor=schedule.warmup_factor, decay_steps=schedule.decay_steps,
+        decay_factor=schedule.decay_factor,
+        num_image_candidates=num_image_candidates(model.get_config()),
+        min_image_size=parser.min_size, max_image_size=parser.max_size, seed=seed)
+
+
+def run_settings():
+    """`run`'s arguments as gin binds them (defaults filled in), for the other entry points."""
+    settings = {name: parameter.default
+                for name, parameter in inspect.signature(run).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    settings.update(gin.get_bindings(run))
+    return settings
 
 
 def parse_gin(gin_files, gin_params):

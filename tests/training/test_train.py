@@ -19,26 +19,31 @@ import gin
 import tensorflow as tf
 import tf_keras
 
-from official_maskrcnn import train
+from official_maskrcnn import evaluate, train
+from official_maskrcnn.evaluation import coco_metrics
 from official_maskrcnn.training import mlperf_logger
 from official_maskrcnn.training import trainer as trainer_lib
 from tfrecord_tools import conversion, make_synthetic_coco
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(REPO, "configs", "smoke_cpu.gin")
-# Needs the accuracy evaluation (the evaluation issue) or the target: expected to fail here.
-EVAL_KEYS = {"eval_start", "eval_stop", "eval_accuracy", "block_start", "block_stop"}
+NO_EVAL = "run.eval_annotations_file = None"  # faster, where the test is not about evaluation
 
 
 def make_smoke_data(root):
-    with mock.patch("sys.stderr", io.StringIO()):
-        make_synthetic_coco.main(["--output_dir", os.path.join(root, "coco"), "--split", "train",
-                                  "--num_images", "16", "--image_size", "96", "--seed", "1"])
-    conversion.convert(os.path.join(root, "coco", "train"),
-                       os.path.join(root, "coco", "annotations", "instances_train.json"),
-                       os.path.join(root, "tfrecords", "train"), 2, 1,
-                       progress_stream=io.StringIO())
-    return os.path.join(root, "tfrecords", "train-*")
+    """The smoke config's data; returns gin bindings pointing the config at it."""
+    for split, seed in (("train", "1"), ("val", "2")):
+        with mock.patch("sys.stderr", io.StringIO()):
+            make_synthetic_coco.main(["--output_dir", os.path.join(root, "coco"), "--split",
+                                      split, "--num_images", "16", "--image_size", "96",
+                                      "--seed", seed])
+        conversion.convert(os.path.join(root, "coco", split),
+                           os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
+                           os.path.join(root, "tfrecords", split), 2, 1,
+                           progress_stream=io.StringIO())
+    return [f"train/DatasetBuilder.file_pattern = '{root}/tfrecords/train-*'",
+            f"eval/DatasetBuilder.file_pattern = '{root}/tfrecords/val-*'",
+            f"coco_annotations_file = '{root}/coco/annotations/instances_val.json'"]
 
 
 def fingerprint(output):
@@ -71,7 +76,7 @@ class TrainEntryTest(tf.test.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.tmp = tempfile.mkdtemp()
-        cls.pattern = make_smoke_data(cls.tmp)
+        cls.data_bindings = make_smoke_data(cls.tmp)
 
     def tearDown(self):
         gin.clear_config()
@@ -81,8 +86,7 @@ class TrainEntryTest(tf.test.TestCase):
     def run_smoke(self, model_dir, *bindings, **kwargs):
         """Runs the smoke config in this process; returns (logs, stdout)."""
         gin.clear_config()
-        train.parse_gin([SMOKE], [f"train/DatasetBuilder.file_pattern = '{self.pattern}'",
-                                  *bindings])
+        train.parse_gin([SMOKE], self.data_bindings + list(bindings))
         stdout = io.StringIO()
         try:
             with contextlib.redirect_stdout(stdout):
@@ -118,21 +122,64 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertEqual([e["metadata"]["epoch_num"] for e in by_key["epoch_start"]], [1, 2])
         self.assertEqual(by_key["train_samples"][0]["value"], 15)  # one image is crowd-only
         self.assertEqual(by_key["num_image_candidates"][0]["value"], 1000)
-        self.assertEqual(by_key["run_stop"][0]["metadata"]["status"], "aborted")  # no eval yet
+        self.assertEqual(by_key["eval_samples"][0]["value"], 16)
+        self.assertEqual([e["metadata"]["epoch_num"] for e in by_key["eval_accuracy"]], [1, 2])
+        self.assertEqual(set(by_key["eval_accuracy"][0]["value"]), {"BBOX", "SEGM"})
+        self.assertEqual(by_key["run_stop"][0]["metadata"]["status"], "aborted")  # not met
+        # The official checker accepts everything but the accuracy target.
         result = mlperf_logger.check_compliance(log_path)
-        self.assertEqual([m.text for m in result.failures_excluding(EVAL_KEYS)], [])
-        self.assertTrue(result.failed_keys & EVAL_KEYS)
+        self.assertLen(result.failures, 1, [m.text for m in result.failures])
+        self.assertEqual(result.failures_excluding({"eval_accuracy"}), [])
+        self.assertIn("eval_accuracy", result.failures[0].text)
+        with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+        self.assertEqual([line["epoch"] for line in lines], [1, 2])
+        self.assertLen(lines[0]["bbox"], 12)
+        self.assertLen(lines[0]["segm"], 12)
+        self.assertIn("eval after epoch 2: box AP", out)
+        type(self).sync_metrics = lines
+
+        # The evaluate entry on the last checkpoint reproduces the last evaluation exactly.
+        metrics, results, checkpoint = evaluate.evaluate_checkpoint(model_dir)
+        self.assertTrue(checkpoint.endswith("ckpt-16"))
+        self.assertEqual(metrics["bbox"], lines[-1]["bbox"])
+        self.assertEqual(metrics["segm"], lines[-1]["segm"])
+        metrics_path, results_path = evaluate.write_outputs(model_dir, checkpoint, metrics,
+                                                            results)
+        self.assertEqual(os.path.basename(metrics_path), "eval-16.metrics.json")
+        ground_truth = coco_metrics.load_ground_truth(
+            os.path.join(self.tmp, "coco", "annotations", "instances_val.json"))
+        if results:  # loadRes accepts what we wrote
+            loaded = ground_truth.loadRes(results_path)
+            self.assertLen(loaded.getAnnIds(), len(results))
+
+    def test_smoke_run_with_async_evaluation_logs_the_same_metrics_as_sync(self):
+        if not hasattr(type(self), "sync_metrics"):  # runs after the sync test (alphabetical)
+            sync_dir = os.path.join(self.create_tempdir().full_path, "sync")
+            self.run_smoke(sync_dir)
+            with open(os.path.join(sync_dir, "metrics.jsonl")) as f:
+                type(self).sync_metrics = [json.loads(line) for line in f]
+        model_dir = os.path.join(self.create_tempdir().full_path, "model")
+        _, out = self.run_smoke(model_dir, "run.eval_async = True", "run.eval_processes = 2")
+        with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+        self.assertEqual([line["epoch"] for line in lines], [1, 2])
+        self.assertTrue(all(line["asynchronous"] for line in lines))
+        for sync, async_ in zip(type(self).sync_metrics, lines):
+            self.assertEqual((sync["bbox"], sync["segm"]), (async_["bbox"], async_["segm"]))
+        result = mlperf_logger.check_compliance(os.path.join(model_dir, "mlperf.log"))
+        self.assertEqual(result.failures_excluding({"eval_accuracy"}), [])
 
     def test_resume_after_sigterm_equals_the_uninterrupted_run(self):
-        _, out = self.run_smoke(os.path.join(self.create_tempdir().full_path, "full"))
+        _, out = self.run_smoke(os.path.join(self.create_tempdir().full_path, "full"), NO_EVAL)
         uninterrupted = fingerprint(out)
 
         model_dir = os.path.join(self.create_tempdir().full_path, "resumed")
         with self.assertRaises(trainer_lib.Preempted) as raised:
-            self.run_smoke(model_dir, extra_callbacks=[SigtermAt(6)])
+            self.run_smoke(model_dir, NO_EVAL, extra_callbacks=[SigtermAt(6)])
         self.assertEqual((raised.exception.step, raised.exception.signum), (6, signal.SIGTERM))
         self.assertTrue(os.path.exists(os.path.join(model_dir, "ckpt-6.index")))
-        _, out = self.run_smoke(model_dir)
+        _, out = self.run_smoke(model_dir, NO_EVAL)
         self.assertIn("resumed from", out)
         self.assertIn("(step 6)", out)
         self.assertEqual(fingerprint(out), uninterrupted)
@@ -159,7 +206,7 @@ class MultiWorkerTest(tf.test.TestCase):
 
     def test_two_workers_on_loopback_end_with_identical_weights(self):
         root = self.create_tempdir().full_path
-        pattern = make_smoke_data(root)
+        bindings = make_smoke_data(root)
         model_dir = os.path.join(root, "model")
         workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
         processes = []
@@ -171,7 +218,7 @@ class MultiWorkerTest(tf.test.TestCase):
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "official_maskrcnn.train", "--gin_file", SMOKE,
                  "--model_dir", model_dir,
-                 "--gin_param", f"train/DatasetBuilder.file_pattern = '{pattern}'",
+                 *[arg for binding in bindings for arg in ("--gin_param", binding)],
                  "--gin_param", "run.strategy = 'multi_worker'",
                  "--gin_param", "run.num_epochs = 1"],
                 cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -194,6 +241,10 @@ class MultiWorkerTest(tf.test.TestCase):
         self.assertIn("2 replica(s) on 2 worker(s)", "".join(outputs))
         self.assertTrue(os.path.exists(os.path.join(model_dir, "ckpt-8.index")))
         self.assertFalse([name for name in os.listdir(model_dir) if name.startswith(".worker")])
+        # The evaluation saw each of the 16 val images once over the two workers' replicas.
+        with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+            self.assertLen(f.readlines(), 1)
+        self.assertIn("eval after epoch 1", outputs[0])
 
 
 if __name__ == "__main__":

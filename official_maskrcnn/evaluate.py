@@ -1,0 +1,109 @@
+r"""Evaluates a checkpoint on the eval set with the COCO API.
+
+    python -m official_maskrcnn.evaluate --gin_file F --model_dir M [--checkpoint C]
+
+Uses the training config (F, plus `--gin_param`): the model, `eval/DatasetBuilder` for the
+records, `run.eval_annotations_file` for the ground truth, `run.strategy` / `num_gpus` /
+`precision` / `eval_batch_size` / `eval_processes`. Restores the model weights of C (default:
+the newest checkpoint in M), prints both 12-line COCO tables, and writes into M:
+`eval-<step>.metrics.json` (the 24 stats and timings) and `eval-<step>.results.json` (the COCO
+results: boxes in original image pixels, COCO category ids, RLE masks).
+
+Exit codes: 0 done; 1 no checkpoint, a bad config or bad input (the message says which).
+"""
+
+import json
+import os
+import re
+import sys
+
+import tensorflow as tf
+from absl import app, flags
+
+from official_maskrcnn import train
+from official_maskrcnn.data import dataset_builder
+from official_maskrcnn.evaluation import coco_metrics
+from official_maskrcnn.evaluation import evaluator as evaluator_lib
+from official_maskrcnn.training import distribution
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (default: the newest in --model_dir).")
+
+
+class EvaluateError(RuntimeError):
+    """Nothing to evaluate, or no ground truth configured."""
+
+
+def checkpoint_step(path):
+    """The step number of `.../ckpt-<step>` (None if the name has none)."""
+    match = re.search(r"-(\d+)$", path)
+    return int(match.group(1)) if match else None
+
+
+def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
+    """Evaluates one checkpoint; returns (metrics, results, checkpoint path).
+
+    Args:
+      model_dir: the run's folder (checkpoints; outputs are written there).
+      checkpoint: a checkpoint prefix; None: the newest in model_dir.
+      settings: `run`'s settings (default: `train.run_settings()` from the parsed gin config).
+    """
+    settings = settings or train.run_settings()
+    annotations = settings["eval_annotations_file"]
+    if not annotations:
+        raise EvaluateError("no ground truth: set run.eval_annotations_file (the eval split's "
+                            "COCO annotation JSON) in the config or with --gin_param")
+    checkpoint = checkpoint or tf.train.latest_checkpoint(model_dir)
+    if not checkpoint:
+        raise EvaluateError(f"no checkpoint in {model_dir} (and no --checkpoint given)")
+    strategy_kind = settings["strategy"]
+    if strategy_kind == "mirrored" and settings["num_gpus"] == 0:
+        strategy_kind = "default"
+    strategy = distribution.build_strategy(strategy_kind, settings["num_gpus"])
+    model = train.build_model(strategy, settings["precision"])
+    # Only the model is restored: the optimizer's slots in the checkpoint are not needed here.
+    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial() \
+        .assert_existing_objects_matched()
+    builder = train.build_eval_dataset(settings["eval_batch_size"]
+                                       or settings["global_batch_size"])
+    outputs = evaluator_lib.Evaluator(strategy, model, builder).predict()
+    postprocessor = evaluator_lib.PostProcessor(annotations, settings["eval_processes"])
+    try:
+        metrics, results = postprocessor.run(outputs)
+    finally:
+        postprocessor.close()
+    return metrics, results, checkpoint
+
+
+def write_outputs(model_dir, checkpoint, metrics, results):
+    """Writes eval-<step>.metrics.json and eval-<step>.results.json; returns their paths."""
+    step = checkpoint_step(checkpoint)
+    stem = os.path.join(model_dir, f"eval-{step if step is not None else 'checkpoint'}")
+    paths = stem + ".metrics.json", stem + ".results.json"
+    with tf.io.gfile.GFile(paths[0], "w") as f:
+        json.dump(dict(metrics, checkpoint=checkpoint, step=step), f, indent=1)
+    with tf.io.gfile.GFile(paths[1], "w") as f:
+        json.dump(results, f)
+    return paths
+
+
+def main(argv):
+    del argv
+    if not FLAGS.model_dir:
+        raise app.UsageError("--model_dir is required")
+    if not FLAGS.gin_file:
+        raise app.UsageError("give at least one --gin_file (the training config)")
+    train.parse_gin(FLAGS.gin_file, FLAGS.gin_param)
+    try:
+        metrics, results, checkpoint = evaluate_checkpoint(FLAGS.model_dir, FLAGS.checkpoint)
+    except (EvaluateError, dataset_builder.InputError, evaluator_lib.EvaluationError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(f"checkpoint {checkpoint}: box AP {metrics['bbox']['AP']:.4f}, "
+          f"mask AP {metrics['segm']['AP']:.4f}\n{coco_metrics.format_stats_table(metrics)}")
+    for path in write_outputs(FLAGS.model_dir, checkpoint, metrics, results):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,137 @@
+"""Distributed inference over the eval set, gathered on the host, then COCO metrics.
+
+`Evaluator.predict()` runs the model's inference call on every replica (one compiled function per
+padded orientation, like training), gathers every replica's outputs with `strategy.gather`
+(all workers receive everything), drops the padding entries (`is_valid` False) and checks that
+every record was seen exactly once. `PostProcessor` turns those outputs into COCO results (box
+conversion, mask pasting, RLE; in worker processes) and runs pycocotools' COCOeval, either at
+once or in the background (`submit` returns a future).
+"""
+
+import concurrent.futures
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from official_maskrcnn.evaluation import coco_metrics, coco_results
+
+DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "detection_masks",
+                  "num_detections")
+INPUT_KEYS = ("source_id", "original_size", "scale", "is_valid")
+
+
+class EvaluationError(RuntimeError):
+    """The eval outputs do not cover every image exactly once."""
+
+
+class Evaluator:
+    """Runs inference on the eval dataset of `builder` under `strategy`.
+
+    Args:
+      strategy: the run's strategy (the model was built in its scope).
+      model: a `MaskRCNNModel`.
+      builder: an eval `DatasetBuilder` (is_training=False).
+    """
+
+    def __init__(self, strategy, model, builder):
+        self.strategy = strategy
+        self.model = model
+        self.builder = builder
+        replicas = strategy.num_replicas_in_sync
+        if builder.global_batch_size % replicas:
+            raise ValueError(f"eval global_batch_size={builder.global_batch_size} is not a "
+                             f"multiple of the {replicas} replicas")
+        self.batch_size = builder.global_batch_size // replicas
+        self._predict_fn = tf.function(self._replica_predict, jit_compile=False)
+        self._dataset = builder.distribute(strategy)
+
+    @property
+    def num_images(self):
+        return self.builder.num_records
+
+    def _replica_predict(self, inputs):
+        """One replica's batch -> detections + the inputs' bookkeeping fields.
+
+        Called eagerly per batch with concrete tensors, so the tf.function traces (and compiles)
+        once per padded shape, like the training step.
+        """
+        outputs = self.model({"images": inputs["images"], "image_size": inputs["image_size"]},
+                             training=False)
+        outputs = {key: outputs[key] for key in DETECTION_KEYS}
+        outputs.update({key: inputs[key] for key in INPUT_KEYS})
+        return outputs
+
+    def predict(self):
+        """Every eval image's detections, gathered on the host.
+
+        Returns:
+          dict of numpy arrays over the N valid images (order: batches as they came): the
+          model's detection outputs and source_id [N], original_size [N, 2], scale [N, 2].
+        Raises:
+          EvaluationError: an image is missing or seen twice.
+        """
+        start = time.perf_counter()
+        chunks = []
+        for batch in self._dataset:
+            outputs = self.strategy.run(self._predict_fn, args=(batch,))
+            chunks.append({key: self.strategy.gather(value, axis=0).numpy()
+                           for key, value in outputs.items()})
+        outputs = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
+        valid = outputs.pop("is_valid").astype(bool)
+        outputs = {key: value[valid] for key, value in outputs.items()}
+        ids = outputs["source_id"]
+        unique, counts = np.unique(ids, return_counts=True)
+        if len(ids) != self.num_images or (counts > 1).any():
+            raise EvaluationError(
+                f"eval saw {len(ids)} image(s) ({len(unique)} distinct) for {self.num_images} "
+                f"records; duplicated ids: {unique[counts > 1][:10].tolist()}")
+        logging.info("inference on %d images in %.1f s", len(ids), time.perf_counter() - start)
+        return outputs
+
+
+def _postprocess(converter, outputs, label_to_category, annotations_file, image_ids):
+    """Outputs -> COCO results (pasting in the converter's processes) -> metrics."""
+    start = time.perf_counter()
+    results = converter.convert(outputs, label_to_category)
+    convert_seconds = time.perf_counter() - start
+    metrics = coco_metrics.evaluate(annotations_file, results, image_ids=image_ids)
+    metrics["seconds"] = {"convert": convert_seconds, "total": time.perf_counter() - start}
+    return metrics, results
+
+
+class PostProcessor:
+    """COCO results and metrics from gathered outputs, now or in the background.
+
+    The background work runs in one thread of this process; its heavy part, pasting masks and
+    encoding RLE, runs in `num_processes` worker processes that live as long as this object.
+
+    Args:
+      annotations_file: the COCO annotation JSON of the eval split (its categories give the
+        label map, as the converter built it).
+      num_processes: processes pasting masks and encoding RLE (1: in this process).
+    """
+
+    def __init__(self, annotations_file, num_processes=1):
+        self.annotations_file = annotations_file
+        ground_truth = coco_metrics.load_ground_truth(annotations_file)
+        self.label_to_category = coco_results.label_to_category_id(
+            ground_truth.loadCats(ground_truth.getCatIds()))
+        self._converter = coco_results.ResultConverter(num_processes)
+        self._background = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    def submit(self, outputs):
+        """Starts post-processing `outputs` (see `Evaluator.predict`); returns a future of
+        (metrics, results)."""
+        image_ids = sorted(int(i) for i in outputs["source_id"])
+        return self._background.submit(_postprocess, self._converter, outputs,
+                                       self.label_to_category, self.annotations_file, image_ids)
+
+    def run(self, outputs):
+        """Post-processes now: (metrics, results)."""
+        return self.submit(outputs).result()
+
+    def close(self):
+        self._background.shutdown(wait=True)
+        self._converter.close()

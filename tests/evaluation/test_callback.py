@@ -1,0 +1,135 @@
+"""COCOEvalCallback: when it evaluates, what it logs, when it stops; sync and async."""
+
+import concurrent.futures
+import json
+import os
+import threading
+
+import tensorflow as tf
+import tf_keras
+
+from official_maskrcnn.evaluation import callback as callback_lib
+from official_maskrcnn.evaluation import coco_metrics
+from official_maskrcnn.training import mlperf_logger
+
+
+def metrics(box, mask):
+    return {"bbox": dict.fromkeys(coco_metrics.STAT_NAMES, 0.0) | {"AP": box},
+            "segm": dict.fromkeys(coco_metrics.STAT_NAMES, 0.0) | {"AP": mask}}
+
+
+class FakeEvaluator:
+    def __init__(self):
+        self.calls = 0
+
+    def predict(self):
+        self.calls += 1
+        return {"source_id": [self.calls]}
+
+
+class FakePostProcessor:
+    """Hands out futures the test completes with the APs of `results` (one per evaluation)."""
+
+    def __init__(self, results, complete=True):
+        self.results = list(results)
+        self.complete = complete
+        self.futures = []
+
+    def submit(self, outputs):
+        future = concurrent.futures.Future()
+        if self.complete:
+            future.set_result((metrics(*self.results[len(self.futures)]), []))
+        self.futures.append(future)
+        return future
+
+    def finish(self, index):
+        self.futures[index].set_result((metrics(*self.results[index]), []))
+
+
+class CallbackTest(tf.test.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.dir = self.create_tempdir().full_path
+        self.model = tf_keras.Sequential([tf_keras.layers.Dense(1)])
+        self.model.stop_training = False
+
+    def callback(self, postprocessor, **kwargs):
+        self.log_path = os.path.join(self.dir, "mlperf.log")
+        self.mllog = mlperf_logger.MLPerfLogger(self.log_path)
+        callback = callback_lib.COCOEvalCallback(
+            FakeEvaluator(), postprocessor, mlperf=self.mllog,
+            metrics_path=os.path.join(self.dir, "metrics.jsonl"), **kwargs)
+        callback.set_model(self.model)
+        return callback
+
+    def logged(self, key):
+        self.mllog.close()
+        with open(self.log_path) as f:
+            events = [json.loads(line.split(":::MLLOG ", 1)[1]) for line in f]
+        return [(e["metadata"].get("epoch_num"), e["value"]) for e in events if e["key"] == key]
+
+    def metrics_lines(self):
+        with open(os.path.join(self.dir, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    def test_sync_stops_when_both_targets_are_met_and_not_before(self):
+        callback = self.callback(FakePostProcessor([(0.38, 0.30), (0.36, 0.35), (0.377, 0.339)]))
+        for epoch in range(3):
+            self.assertFalse(self.model.stop_training)
+            callback.on_epoch_end(epoch)
+        self.assertTrue(self.model.stop_training)
+        self.assertTrue(callback.targets_met)
+        self.assertEqual(self.logged("eval_accuracy"),
+                         [(1, {"BBOX": 0.38, "SEGM": 0.30}), (2, {"BBOX": 0.36, "SEGM": 0.35}),
+                          (3, {"BBOX": 0.377, "SEGM": 0.339})])
+        self.assertEqual([e for e, _ in self.logged("eval_start")], [1, 2, 3])
+        self.assertEqual([line["targets_met"] for line in self.metrics_lines()],
+                         [False, False, True])
+
+    def test_custom_targets_and_interval(self):
+        callback = self.callback(FakePostProcessor([(0.2, 0.2), (0.5, 0.5)]), interval=2,
+                                 box_target=0.5, mask_target=0.5)
+        for epoch in range(4):
+            callback.on_epoch_end(epoch)
+        self.assertEqual([line["epoch"] for line in self.metrics_lines()], [2, 4])
+        self.assertTrue(self.model.stop_training)
+        with self.assertRaisesRegex(ValueError, "interval"):
+            self.callback(FakePostProcessor([]), interval=0)
+
+    def test_no_evaluation_of_an_epoch_cut_short(self):
+        callback = self.callback(FakePostProcessor([(0.5, 0.5)]))
+        self.model.stop_training = True
+        callback.on_epoch_end(0)
+        self.assertEqual(callback.evaluator.calls, 0)
+
+    def test_async_logs_results_later_with_their_epoch_and_stops_at_the_next_boundary(self):
+        post = FakePostProcessor([(0.1, 0.1), (0.4, 0.4)], complete=False)
+        callback = self.callback(post, asynchronous=True)
+        callback.on_epoch_end(0)
+        callback.on_train_batch_end(10, {"step": 11})
+        self.assertEqual(self.metrics_lines() if os.path.exists(
+            os.path.join(self.dir, "metrics.jsonl")) else [], [])  # not ready: nothing yet
+        callback.on_epoch_end(1)
+        post.finish(1)  # the second finishes first: still logged in epoch order
+        callback.on_train_batch_end(12, {"step": 13})
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "metrics.jsonl")))
+        post.finish(0)
+        callback.on_train_batch_end(14, {"step": 15})
+        self.assertTrue(self.model.stop_training)
+        lines = self.metrics_lines()
+        self.assertEqual([(line["epoch"], line["step_logged"]) for line in lines],
+                         [(1, 15), (2, 15)])
+        self.assertEqual([e for e, _ in self.logged("eval_stop")], [1, 2])
+
+    def test_async_pending_evaluations_are_awaited_at_the_end(self):
+        post = FakePostProcessor([(0.1, 0.1)], complete=False)
+        callback = self.callback(post, asynchronous=True)
+        callback.on_epoch_end(0)
+        threading.Timer(0.2, post.finish, args=(0,)).start()
+        callback.on_train_end()
+        self.assertEqual([line["epoch"] for line in self.metrics_lines()], [1])
+
+
+if __name__ == "__main__":
+    tf.test.main()
