@@ -1,0 +1,164 @@
+"""COCO box and mask metrics with pycocotools, as the MLPerf reference computes them.
+
+As maskrcnn-benchmark's `coco_eval`, box and mask results are loaded separately: box results
+without 'segmentation' (detection area = w * h) and mask results without 'bbox' (area and box come
+from the RLE), so the small / medium / large splits of the mask AP use the mask area. All images of
+the ground truth are evaluated unless told otherwise: an image without detections still counts.
+
+pycocotools prints progress and its summary table; that text is captured (not printed) and
+returned as `summary_text`. The capture replaces the name `print` inside pycocotools' modules only
+for the duration of a call (a lock serialises callers), so other threads, such as a training loop
+printing progress while evaluation runs in the background, keep their output.
+"""
+
+import contextlib
+import functools
+import io
+import os
+import threading
+
+from pycocotools import coco as coco_lib
+from pycocotools import cocoeval as cocoeval_lib
+
+IOU_TYPES = ("bbox", "segm")
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax1", "ARmax10", "ARmax100", "ARs",
+              "ARm", "ARl")
+BBOX = tuple(f"BBOX/{name}" for name in STAT_NAMES)  # qualified names, e.g. for TensorBoard
+SEGM = tuple(f"SEGM/{name}" for name in STAT_NAMES)
+
+# (AP or AR, IoU, area, maxDets) of COCOeval.stats[i], for the printed table.
+_STAT_ROWS = (("AP", None, "all", 100), ("AP", 0.5, "all", 100), ("AP", 0.75, "all", 100),
+              ("AP", None, "small", 100), ("AP", None, "medium", 100),
+              ("AP", None, "large", 100), ("AR", None, "all", 1), ("AR", None, "all", 10),
+              ("AR", None, "all", 100), ("AR", None, "small", 100),
+              ("AR", None, "medium", 100), ("AR", None, "large", 100))
+_RESULT_KEYS = {"bbox": ("image_id", "category_id", "bbox", "score"),
+                "segm": ("image_id", "category_id", "segmentation", "score")}
+_capture_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _captured_pycocotools_output():
+    """Collects what pycocotools prints (module-level `print` override); yields the buffer."""
+    buffer = io.StringIO()
+
+    def capture(*args, sep=" ", end="\n", **unused_kwargs):
+        buffer.write(sep.join(str(arg) for arg in args) + end)
+
+    with _capture_lock:
+        modules = (coco_lib, cocoeval_lib)
+        for module in modules:
+            module.print = capture
+        try:
+            yield buffer
+        finally:
+            for module in modules:
+                del module.print
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(path, unused_mtime_ns, unused_size):
+    with _captured_pycocotools_output():
+        return coco_lib.COCO(path)
+
+
+def load_ground_truth(path):
+    """The annotation JSON as a pycocotools COCO, loaded once per file version (cached by path,
+    modification time and size; COCOeval only adds derived fields to it, so sharing is safe)."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"ground-truth annotations file not found: {path}")
+    stat = os.stat(path)
+    return _load_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+def _check_results(ground_truth, results, image_ids):
+    known_images = set(ground_truth.getImgIds())
+    known_categories = set(ground_truth.getCatIds())
+    unknown = sorted(set(image_ids) - known_images)
+    if unknown:
+        raise ValueError(f"image_ids: {len(unknown)} id(s) not in the ground truth, e.g. "
+                         f"{unknown[:10]}")
+    for position, result in enumerate(results):
+        if result.get("image_id") not in known_images:
+            raise ValueError(f"results[{position}]: image_id {result.get('image_id')!r} is not "
+                             f"an image of the ground truth ({len(known_images)} images)")
+        if result.get("category_id") not in known_categories:
+            raise ValueError(f"results[{position}]: category_id {result.get('category_id')!r} "
+                             f"is not a category of the ground truth (ids "
+                             f"{min(known_categories)}..{max(known_categories)})")
+
+
+def _evaluate_one(ground_truth, results, image_ids, iou_type):
+    """COCOeval stats of one iou type: ({name: float}, summary text)."""
+    missing = [key for key in _RESULT_KEYS[iou_type] if key not in results[0]]
+    if missing:
+        raise ValueError(f"{iou_type} evaluation: results[0] has no {missing} (keys found: "
+                         f"{sorted(results[0])})")
+    # Fresh dicts: loadRes adds fields (id, area, ...) in place.
+    loaded = [{key: result[key] for key in _RESULT_KEYS[iou_type]} for result in results]
+    with _captured_pycocotools_output() as buffer:
+        detections = ground_truth.loadRes(loaded)
+        evaluator = cocoeval_lib.COCOeval(ground_truth, detections, iouType=iou_type)
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        start = buffer.tell()
+        evaluator.summarize()
+        table = buffer.getvalue()[start:]
+    return dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats))), table
+
+
+def evaluate(ground_truth, results, image_ids=None, iou_types=IOU_TYPES):
+    """COCO metrics of `results` (the dicts of `coco_results.detections_to_coco`).
+
+    Args:
+      ground_truth: a pycocotools COCO, or the path of the annotation JSON (`load_ground_truth`).
+      results: list of dicts {image_id, category_id, bbox [x, y, w, h], score, segmentation}
+        ('segmentation' needed only for 'segm').
+      image_ids: the images to evaluate (default: every image of the ground truth).
+      iou_types: any of 'bbox', 'segm'.
+    Returns:
+      {iou_type: {stat name (STAT_NAMES): float}, ..., 'summary_text': pycocotools' tables}.
+      No results at all: every stat 0.0. A stat pycocotools cannot compute (no ground truth in
+      that area range) is -1.0, as pycocotools reports it.
+    Raises:
+      ValueError: a result names an image or category the ground truth does not have, an image
+        id is unknown, an iou type is unknown, or results lack a key the iou type needs.
+    """
+    if isinstance(ground_truth, (str, os.PathLike)):
+        ground_truth = load_ground_truth(ground_truth)
+    unknown_types = [t for t in iou_types if t not in IOU_TYPES]
+    if unknown_types:
+        raise ValueError(f"iou_types {unknown_types} unknown; expected some of {IOU_TYPES}")
+    image_ids = sorted(ground_truth.getImgIds() if image_ids is None else
+                       {int(i) for i in image_ids})
+    results = list(results)
+    _check_results(ground_truth, results, image_ids)
+    metrics, tables = {}, []
+    for iou_type in iou_types:
+        if results:
+            metrics[iou_type], table = _evaluate_one(ground_truth, results, image_ids, iou_type)
+        else:  # pycocotools' loadRes cannot load an empty list
+            metrics[iou_type] = dict.fromkeys(STAT_NAMES, 0.0)
+            table = _format_table(metrics[iou_type])
+        tables.append(f"{iou_type}:\n{table}")
+    metrics["summary_text"] = "".join(tables)
+    return metrics
+
+
+def _format_table(stats):
+    lines = []
+    for name, (kind, iou, area, max_dets) in zip(STAT_NAMES, _STAT_ROWS):
+        title = "Average Precision" if kind == "AP" else "Average Recall"
+        iou_text = "0.50:0.95" if iou is None else f"{iou:0.2f}"
+        lines.append(f" {title:<18} ({kind}) @[ IoU={iou_text:<9} | area={area:>6s} | "
+                     f"maxDets={max_dets:>3d} ] = {stats[name]:0.3f}\n")
+    return "".join(lines)
+
+
+def format_stats_table(metrics):
+    """The 12-line COCO tables (pycocotools' layout) of the iou types in `metrics` (the dict of
+    `evaluate`; other keys are ignored)."""
+    return "".join(f"{iou_type}:\n{_format_table(metrics[iou_type])}"
+                   for iou_type in IOU_TYPES if iou_type in metrics)

@@ -1,0 +1,244 @@
+"""Tests for official_maskrcnn.evaluation.coco_results: label map, mask pasting, RLE, conversion."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+from pycocotools import mask as mask_util
+
+from official_maskrcnn.evaluation import coco_results
+
+COCO128_JSON = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
+                            "coco128", "annotations", "instances_train2017.json")
+COCO128_JSON = os.path.normpath(COCO128_JSON)
+TENSORFLOW_LOADED = "'tensorflow' in __import__('sys').modules"
+
+
+def reference_paste(mask, box_xyxy, height, width, threshold=0.5):
+    """Independent per-pixel float64 version of maskrcnn-benchmark's paste_mask_in_image."""
+    size = mask.shape[0]
+    padded = np.zeros((size + 2, size + 2))
+    padded[1:-1, 1:-1] = mask
+    x0, y0, x1, y1 = [float(v) for v in np.float32(box_xyxy)]
+    scale = (size + 2.0) / size
+    half_w, half_h = (x1 - x0) * 0.5 * scale, (y1 - y0) * 0.5 * scale
+    centre_x, centre_y = (x0 + x1) * 0.5, (y0 + y1) * 0.5
+    bx0, by0 = int(centre_x - half_w), int(centre_y - half_h)  # int(): toward zero
+    bx1, by1 = int(centre_x + half_w), int(centre_y + half_h)
+    w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+
+    def taps(out_size, in_size, index):
+        src = max((index + 0.5) * in_size / out_size - 0.5, 0.0)
+        low = min(int(np.floor(src)), in_size - 1)
+        return low, min(low + 1, in_size - 1), src - low
+
+    image = np.zeros((height, width), np.uint8)
+    for y in range(max(by0, 0), min(by1 + 1, height)):
+        ylo, yhi, fy = taps(h, size + 2, y - by0)
+        for x in range(max(bx0, 0), min(bx1 + 1, width)):
+            xlo, xhi, fx = taps(w, size + 2, x - bx0)
+            top = padded[ylo, xlo] * (1 - fx) + padded[ylo, xhi] * fx
+            bottom = padded[yhi, xlo] * (1 - fx) + padded[yhi, xhi] * fx
+            image[y, x] = top * (1 - fy) + bottom * fy > threshold
+    return image
+
+
+def random_outputs(rng, num_images, num_slots, height=60, width=80, scale=1.5):
+    """Batched model outputs with random boxes (some partly outside), masks and labels 1..3."""
+    y0 = rng.uniform(-10, height * scale, (num_images, num_slots))
+    x0 = rng.uniform(-10, width * scale, (num_images, num_slots))
+    size = rng.uniform(1, 50, (num_images, num_slots, 2))
+    boxes = np.stack([y0, x0, y0 + size[..., 0], x0 + size[..., 1]], -1).astype(np.float32)
+    return {
+        "source_id": np.arange(1, num_images + 1, dtype=np.int64),
+        "original_size": np.tile([height, width], (num_images, 1)).astype(np.int32),
+        "scale": np.full((num_images, 2), scale, np.float32),
+        "is_valid": np.ones(num_images, bool),
+        "num_detections": rng.integers(0, num_slots + 1, num_images).astype(np.int32),
+        "detection_boxes": boxes,
+        "detection_scores": rng.random((num_images, num_slots)).astype(np.float32),
+        "detection_classes": rng.integers(0, 4, (num_images, num_slots)).astype(np.int32),
+        "detection_masks": rng.random((num_images, num_slots, 28, 28)).astype(np.float32),
+    }
+
+
+class LabelMapTest(tf.test.TestCase):
+
+    def test_coco_ids_are_not_contiguous(self):
+        with open(COCO128_JSON, encoding="utf-8") as handle:
+            categories = json.load(handle)["categories"]
+        mapping = coco_results.label_to_category_id(categories)
+        self.assertLen(mapping, 80)
+        self.assertEqual(mapping[1], 1)  # person
+        self.assertEqual(mapping[11], 11)  # fire hydrant
+        self.assertEqual(mapping[12], 13)  # stop sign: COCO has no id 12
+        self.assertEqual(mapping[80], 90)  # toothbrush
+
+    def test_unsorted_categories(self):
+        categories = [{"id": 11, "name": "c"}, {"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
+        self.assertEqual(coco_results.label_to_category_id(categories), {1: 3, 2: 7, 3: 11})
+
+
+class PasteMasksTest(tf.test.TestCase):
+    # Box x in [10, 37.5], y in [20, 47.5]: expanded by 30/28 about the centre to x in
+    # [9.02, 38.48], y in [19.02, 48.48], truncated to columns 9..38 and rows 19..48: 30 pixels
+    # each, the padded mask's size, so the resize is the identity and the 28 x 28 mask lands on
+    # columns 10..37 and rows 20..47 exactly.
+    IDENTITY_BOX = (10.0, 20.0, 37.5, 47.5)
+
+    def test_full_mask_fills_its_box(self):
+        pasted = coco_results.paste_masks(np.ones((1, 28, 28)), [self.IDENTITY_BOX], 60, 70)
+        self.assertEqual(pasted.shape, (1, 60, 70))
+        self.assertEqual(pasted.dtype, np.uint8)
+        expected = np.zeros((60, 70), np.uint8)
+        expected[20:48, 10:38] = 1
+        self.assertAllEqual(pasted[0], expected)
+
+    def test_identity_resize_keeps_every_cell(self):
+        mask = np.random.default_rng(1).random((28, 28)).astype(np.float32)
+        pasted = coco_results.paste_masks(mask[None], [self.IDENTITY_BOX], 60, 70)[0]
+        self.assertAllEqual(pasted[20:48, 10:38], (mask > 0.5).astype(np.uint8))
+        self.assertEqual(pasted.sum(), (mask > 0.5).sum())
+
+    def test_threshold_is_strict(self):
+        mask = np.full((1, 28, 28), 0.5, np.float32)
+        mask[0, :14] = 0.5001
+        pasted = coco_results.paste_masks(mask, [self.IDENTITY_BOX], 60, 70)[0]
+        self.assertEqual(pasted.sum(), 14 * 28)
+        self.assertAllEqual(pasted[20:34, 10:38], np.ones((14, 28)))
+        lower = coco_results.paste_masks(mask, [self.IDENTITY_BOX], 60, 70, threshold=0.4)[0]
+        self.assertEqual(lower.sum(), 28 * 28)
+
+    def test_box_partly_outside_is_clipped(self):
+        # Same 30-pixel geometry shifted to x in [-5.118, 22.382]: expanded [-6.1, 23.36] -> int
+        # [-6, 23] (truncation toward zero), 30 columns; mask cells land on columns -5..22.
+        # And y in [40, 67.5] -> rows 40..67 in an image of 50 rows.
+        box = (-5.118, 40.0, 22.382, 67.5)
+        pasted = coco_results.paste_masks(np.ones((1, 28, 28)), [box], 50, 30)[0]
+        expected = np.zeros((50, 30), np.uint8)
+        expected[40:50, 0:23] = 1
+        self.assertAllEqual(pasted, expected)
+
+    def test_box_outside_and_degenerate_boxes(self):
+        boxes = [(100.0, 100.0, 120.0, 120.0), (5.0, 5.0, 5.0, 5.0), (-30.0, -30.0, -2.0, -2.0)]
+        pasted = coco_results.paste_masks(np.ones((3, 28, 28)), boxes, 20, 20)
+        self.assertEqual(pasted[0].sum(), 0)
+        # A point box: expanded box of 1 pixel; the 30 -> 1 resize samples source 14.5.
+        self.assertEqual(pasted[1].sum(), 1)
+        self.assertEqual(pasted[1, 5, 5], 1)
+        self.assertEqual(pasted[2].sum(), 0)
+
+    def test_matches_independent_reference(self):
+        rng = np.random.default_rng(0)
+        for _ in range(60):
+            mask = rng.random((28, 28)).astype(np.float32)
+            x0, y0 = rng.uniform(-20, 40, 2)
+            box = np.array([x0, y0, x0 + rng.uniform(0, 45), y0 + rng.uniform(0, 45)], np.float32)
+            ours = coco_results.paste_masks(mask[None], box[None], 40, 50)[0]
+            self.assertAllEqual(ours, reference_paste(mask, box, 40, 50), msg=str(box))
+
+    def test_rle_equals_pycocotools_encode(self):
+        rng = np.random.default_rng(2)
+        height, width = 30, 25
+        for case in range(150):
+            masks = rng.random((4, 28, 28)).astype(np.float32)
+            masks[0] = 1.0  # large runs, across columns when the box spans the image height
+            x0 = rng.uniform(-30, width, 4)
+            y0 = rng.uniform(-30, height, 4) if case % 3 else np.full(4, -20.0)
+            boxes = np.stack([x0, y0, x0 + rng.uniform(0, 60, 4), y0 + rng.uniform(0, 60, 4)], 1)
+            pasted = coco_results.paste_masks(masks, boxes, height, width)
+            expected = mask_util.encode(np.asfortranarray(np.transpose(pasted, (1, 2, 0))))
+            for rle in expected:
+                rle["counts"] = rle["counts"].decode("ascii")
+            self.assertEqual(coco_results.pasted_rles(masks, boxes, height, width), expected)
+            self.assertEqual(coco_results.encode_masks(pasted), expected)
+
+    def test_bad_mask_shape(self):
+        with self.assertRaisesRegex(ValueError, r"\[T, M, M\]"):
+            coco_results.paste_masks(np.ones((1, 28, 14)), [(0, 0, 5, 5)], 10, 10)
+
+
+class DetectionsToCocoTest(tf.test.TestCase):
+
+    def _one_image(self):
+        masks = np.zeros((4, 28, 28), np.float32)
+        masks[0] = 1.0
+        return {
+            "source_id": np.array([42]), "original_size": np.array([[100, 80]]),
+            "scale": np.array([[2.0, 4.0]], np.float32), "is_valid": np.array([True]),
+            "num_detections": np.array([3]),
+            # [ymin, xmin, ymax, xmax] in the resized image (y scale 2, x scale 4).
+            "detection_boxes": np.array([[[20, 40, 60, 120], [0, 0, 10, 10], [2, 4, 6, 8],
+                                          [0, 0, 50, 50]]], np.float32),
+            "detection_scores": np.array([[0.9, 0.8, 0.7, 0.6]], np.float32),
+            "detection_classes": np.array([[12, 0, 1, 2]], np.int32),  # slot 3: beyond num
+            "detection_masks": masks[None],
+        }
+
+    def test_boxes_categories_scores(self):
+        results = coco_results.detections_to_coco(self._one_image(), {1: 1, 2: 2, 12: 13})
+        self.assertLen(results, 2)  # class 0 and the slot beyond num_detections are skipped
+        first, second = results
+        self.assertEqual(first["image_id"], 42)
+        self.assertEqual(first["category_id"], 13)
+        # Original frame: x1 = 40/4 = 10, y1 = 20/2 = 10, x2 = 30, y2 = 30; w = x2 - x1 + 1.
+        self.assertAllClose(first["bbox"], [10.0, 10.0, 21.0, 21.0])
+        self.assertAllClose(first["score"], 0.9)
+        self.assertAllClose(second["bbox"], [1.0, 1.0, 2.0, 3.0])
+        self.assertEqual(second["category_id"], 1)
+        json.dumps(results)  # JSON-serialisable: plain ints, floats, str counts
+        self.assertIsInstance(first["segmentation"]["counts"], str)
+        pasted = coco_results.paste_masks(np.ones((1, 28, 28)), [[10, 10, 30, 30]], 100, 80)[0]
+        decoded = mask_util.decode({"size": [100, 80],
+                                    "counts": first["segmentation"]["counts"].encode()})
+        self.assertAllEqual(decoded, pasted)
+        # Expanded box 9..30 (22 pixels); samples 1..20 read mostly inside cells 1..28: the full
+        # mask covers rows and columns 10..29, one fewer than the "+1" box [10, 30] (reference).
+        expected = np.zeros((100, 80), np.uint8)
+        expected[10:30, 10:30] = 1
+        self.assertAllEqual(decoded, expected)
+        self.assertEqual(mask_util.decode({"size": [100, 80], "counts": second[
+            "segmentation"]["counts"].encode()}).sum(), 0)  # all-zero mask probabilities
+
+    def test_without_masks(self):
+        results = coco_results.detections_to_coco(self._one_image(), {1: 1, 12: 13},
+                                                  include_masks=False)
+        self.assertNotIn("segmentation", results[0])
+
+    def test_no_detections_and_invalid_images(self):
+        outputs = self._one_image()
+        outputs["num_detections"][:] = 0
+        self.assertEqual(coco_results.detections_to_coco(outputs, {1: 1, 12: 13}), [])
+        outputs = self._one_image()
+        outputs["is_valid"][:] = False
+        self.assertEqual(coco_results.detections_to_coco(outputs, {1: 1, 12: 13}), [])
+        outputs["source_id"] = outputs["source_id"][:0]
+        self.assertEqual(coco_results.detections_to_coco(outputs, {1: 1, 12: 13}), [])
+
+    def test_unknown_label(self):
+        with self.assertRaisesRegex(ValueError, r"image 42: detection_classes \[12\]"):
+            coco_results.detections_to_coco(self._one_image(), {1: 1, 2: 2})
+
+
+class ParallelConversionTest(tf.test.TestCase):
+
+    def test_processes_match_serial(self):
+        outputs = random_outputs(np.random.default_rng(3), num_images=9, num_slots=12)
+        label_map = {1: 3, 2: 7, 3: 11}
+        serial = coco_results.detections_to_coco(outputs, label_map)
+        self.assertNotEmpty(serial)
+        self.assertEqual(coco_results.convert_in_processes(outputs, label_map, 1), serial)
+        with coco_results.ResultConverter(2, chunks_per_process=2) as converter:
+            self.assertEqual(converter.convert(outputs, label_map), serial)
+            # Reused pool, different data.
+            more = random_outputs(np.random.default_rng(4), num_images=3, num_slots=5)
+            self.assertEqual(converter.convert(more, label_map),
+                             coco_results.detections_to_coco(more, label_map))
+            # Workers never import TensorFlow (this test module does, so the check is a builtin).
+            self.assertFalse(converter.submit(eval, TENSORFLOW_LOADED).result())
+        self.assertEqual(coco_results.convert_in_processes(outputs, label_map, 2), serial)
+
+
+if __name__ == "__main__":
+    tf.test.main()
