@@ -6,10 +6,10 @@ Exact command (from the repository root, after `make install`)::
 
 Each run is a fresh `python -m official_maskrcnn.train --gin_file configs/smoke_cpu.gin` on the
 smoke data (16 synthetic 96-px images, made once under runs/bench_smoke/), for `--epochs` epochs
-of 8 steps at 2 images per step, without evaluation; runs with `run.jit_compile = True` and `False` alternate. A
-run's throughput is the median images/s of its progress lines after the first one (the first
-host call includes tracing and XLA compilation, reported separately as its wall time). Reported:
-the median over repeats of each, as Markdown.
+of 8 steps at 2 images per step, without evaluation; runs with `run.jit_compile = True` and
+`False` alternate. A run's throughput is the median images/s of its progress lines after the
+first one (the first host call includes tracing and XLA compilation, reported separately as its
+wall time). Reported: the median over repeats of each, as Markdown.
 """
 
 import argparse

@@ -12,6 +12,7 @@ Outputs: `eval_start` / `eval_accuracy` {"BBOX", "SEGM"} / `eval_stop` (metadata
 MLPerf log, and one JSON line per evaluation in `metrics.jsonl`.
 """
 
+import concurrent.futures
 import json
 import time
 
@@ -58,7 +59,8 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
         self.stream = stream
         self.targets_met = False
         self.history = []
-        self._pending = []  # (epoch_num, future, started)
+        self._pending = []  # (epoch_num, future, started, inference seconds)
+        self._stall = {}  # epoch_num -> seconds training waited at that epoch's end
         self._step = 0
 
     # --------------------------------------------------------------- Keras hooks
@@ -85,7 +87,12 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
             self.mlperf.eval_start(epoch_num)
         outputs = self.evaluator.predict()
         future = self.postprocessor.submit(outputs)
-        self._pending.append((epoch_num, future, started, time.perf_counter() - started))
+        inference_seconds = time.perf_counter() - started
+        if not self.asynchronous:
+            concurrent.futures.wait([future])
+        # Training waits this long here: inference, plus post-processing when synchronous.
+        self._stall[epoch_num] = time.perf_counter() - started
+        self._pending.append((epoch_num, future, started, inference_seconds))
         self._collect(wait=not self.asynchronous)
 
     def _collect(self, wait):
@@ -108,7 +115,8 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
                   "segm": metrics["segm"], "targets_met": met,
                   "seconds": {"inference": inference_seconds,
                               "postprocess": metrics.get("seconds", {}),
-                              "since_start": seconds},
+                              "since_start": seconds,
+                              "training_stall": self._stall.get(epoch_num)},
                   "asynchronous": self.asynchronous}
         self.history.append((epoch_num, metrics))
         if self.metrics_path:

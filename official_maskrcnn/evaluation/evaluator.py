@@ -61,6 +61,8 @@ class Evaluator:
                              training=False)
         outputs = {key: outputs[key] for key in DETECTION_KEYS}
         outputs.update({key: inputs[key] for key in INPUT_KEYS})
+        # Collective all-gather (several workers) has no bool kernel.
+        outputs["is_valid"] = tf.cast(outputs["is_valid"], tf.int32)
         return outputs
 
     def predict(self):

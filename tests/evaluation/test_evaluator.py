@@ -1,0 +1,85 @@
+"""Evaluator + PostProcessor on a tiny model: every image exactly once, on one and two replicas."""
+
+import io
+import os
+import tempfile
+from unittest import mock
+
+import numpy as np
+import tensorflow as tf
+
+from official_maskrcnn.data import dataset_builder
+from official_maskrcnn.evaluation import evaluator as evaluator_lib
+from official_maskrcnn.modeling import factory
+from official_maskrcnn.train import dummy_training_inputs
+from tfrecord_tools import conversion, make_synthetic_coco
+
+NUM_IMAGES = 13  # not a multiple of the eval batch (4) nor of the replicas (2)
+TINY = dict(num_classes=4, backbone_depth=18, backbone_norm="group_norm", freeze_at=0,
+            fpn_num_filters=16, box_head_mlp_dim=32, mask_head_num_convs=1,
+            mask_head_num_filters=8, rpn_pre_nms_top_n_eval=100, rpn_post_nms_top_n_eval=50,
+            max_detections=20)
+
+
+class EvaluatorTest(tf.test.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tmp = tempfile.mkdtemp()
+        with mock.patch("sys.stderr", io.StringIO()):
+            make_synthetic_coco.main(["--output_dir", cls.tmp, "--split", "v", "--num_images",
+                                      str(NUM_IMAGES), "--image_size", "96", "--seed", "4"])
+        cls.annotations = os.path.join(cls.tmp, "annotations", "instances_v.json")
+        conversion.convert(os.path.join(cls.tmp, "v"), cls.annotations,
+                           os.path.join(cls.tmp, "rec", "v"), 3, 1,
+                           progress_stream=io.StringIO())
+        cls.pattern = os.path.join(cls.tmp, "rec", "v-*")
+
+    def predict(self, strategy):
+        with strategy.scope():
+            tf.keras.utils.set_random_seed(3)
+            model = factory.build_maskrcnn_model(**TINY)
+            model(dummy_training_inputs(), training=True)
+        builder = dataset_builder.DatasetBuilder(self.pattern, False, 4, min_size=64,
+                                                 max_size=96)
+        return evaluator_lib.Evaluator(strategy, model, builder).predict()
+
+    def test_every_image_once_on_one_and_two_replicas_with_a_partial_last_batch(self):
+        one = self.predict(tf.distribute.get_strategy())
+        two = self.predict(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+        for outputs in (one, two):
+            self.assertCountEqual(outputs["source_id"].tolist(), range(1, NUM_IMAGES + 1))
+            self.assertEqual(outputs["detection_masks"].shape[1:], (20, 28, 28))
+            self.assertEqual(outputs["original_size"].shape, (NUM_IMAGES, 2))
+        # Same weights, same images: the same detections whatever the replica count.
+        order_one = np.argsort(one["source_id"])
+        order_two = np.argsort(two["source_id"])
+        self.assertAllClose(one["detection_boxes"][order_one],
+                            two["detection_boxes"][order_two], atol=1e-3)
+
+        # The post-processor turns them into COCO metrics over all 13 images.
+        post = evaluator_lib.PostProcessor(self.annotations, num_processes=1)
+        try:
+            metrics, results = post.run(two)
+        finally:
+            post.close()
+        self.assertLen(metrics["bbox"], 12)
+        self.assertLen(metrics["segm"], 12)
+        self.assertTrue({r["image_id"] for r in results} <= set(range(1, NUM_IMAGES + 1)))
+
+    def test_missing_or_duplicated_images_are_an_error(self):
+        strategy = tf.distribute.get_strategy()
+        with strategy.scope():
+            model = factory.build_maskrcnn_model(**TINY)
+            model(dummy_training_inputs(), training=True)
+        builder = dataset_builder.DatasetBuilder(self.pattern, False, 4, min_size=64,
+                                                 max_size=96)
+        evaluator = evaluator_lib.Evaluator(strategy, model, builder)
+        with mock.patch.object(type(builder), "num_records", NUM_IMAGES + 1):
+            with self.assertRaisesRegex(evaluator_lib.EvaluationError, "13 image"):
+                evaluator.predict()
+
+
+if __name__ == "__main__":
+    tf.test.main()
