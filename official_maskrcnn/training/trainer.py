@@ -76,7 +76,8 @@ class Trainer:
       jit_compile: compile the forward/backward step with XLA.
       seed: python int, the model's sampling seed (mixed with the step).
       checkpointer: optional `checkpointing.Checkpointer` of the model, optimizer and `step`.
-      checkpoint_every_n_steps: also save every N steps (0: only at epoch ends).
+      checkpoint_every_n_steps: also save when the step passes a multiple of N, at the end of
+        that host call (0: only at epoch ends).
       callbacks: tf_keras callbacks, driven through a `CallbackList`.
       mlperf: optional `mlperf_logger.MLPerfLogger` (epoch_start / epoch_stop).
       num_workers: processes in the cluster (stop requests are agreed on when > 1).
@@ -116,8 +117,7 @@ class Trainer:
         with strategy.scope():
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        compute = self._forward_backward
-        self._forward_backward_fn = tf.function(compute, jit_compile=jit_compile)
+        self._forward_backward_fn = tf.function(self._forward_backward, jit_compile=jit_compile)
         self._loop_fn = tf.function(self._loop)
         self._count_signalled = tf.function(lambda flag: strategy.reduce(
             tf.distribute.ReduceOp.SUM, strategy.run(lambda: flag), axis=None))
@@ -290,8 +290,10 @@ class Trainer:
                 signum = self._stop_requested()
                 if signum:
                     raise Preempted(signum, step, self.save())
-                if (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0
-                        and step < epoch_end):
+                # At the first host-call boundary N steps after the previous step-checkpoint.
+                if (self.checkpoint_every_n_steps and step < epoch_end
+                        and step // self.checkpoint_every_n_steps
+                        > (step - done) // self.checkpoint_every_n_steps):
                     self.save()
                 if self.model.stop_training:
                     break
