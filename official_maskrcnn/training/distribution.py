@@ -39,7 +39,12 @@ def build_strategy(kind="default", num_gpus=None):
             raise ValueError(f"num_gpus={num_gpus} but only {len(devices)} device(s) are visible: "
                              f"{devices}")
         devices = devices[:num_gpus]
-    return tf.distribute.MirroredStrategy(devices)
+    # On CPU devices TF would all-reduce with collective ops, whose instance keys restart with
+    # every MirroredStrategy: a second strategy in the same process (evaluate after train,
+    # tests) then collides with the first and aborts all collectives. Reducing on one device
+    # has no such state; GPUs keep TF's choice (NCCL).
+    cross_device_ops = None if gpus else tf.distribute.ReductionToOneDevice()
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
 
 
 def worker_info(strategy):

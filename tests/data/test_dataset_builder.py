@@ -203,7 +203,8 @@ class DatasetBuilderTest(RecordsTestCase):
     def test_eval_exactly_once_under_mirrored_strategy_on_two_devices(self):
         devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         self.assertLen(devices, 2)
-        strategy = tf.distribute.MirroredStrategy(devices)
+        strategy = tf.distribute.MirroredStrategy(
+            devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
         builder = self.builder(is_training=False, batch=6)  # 3 per replica, 13 images
         dataset = builder.distribute(strategy)
         seen, steps = [], 0
@@ -346,7 +347,8 @@ class TrainEpochTest(RecordsTestCase):
     def test_two_replicas_of_one_pipeline_under_mirrored_strategy(self):
         devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         self.assertLen(devices, 2)
-        strategy = tf.distribute.MirroredStrategy(devices)
+        strategy = tf.distribute.MirroredStrategy(
+            devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
         builder = self.builder(batch=4)  # 2 images per replica
         steps = builder.steps_per_epoch(1, 2)
 

@@ -12,6 +12,7 @@ from official_maskrcnn.data import dataset_builder
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.modeling import factory
 from official_maskrcnn.train import dummy_training_inputs
+from official_maskrcnn.training import distribution
 from tfrecord_tools import conversion, make_synthetic_coco
 
 NUM_IMAGES = 13  # not a multiple of the eval batch (4) nor of the replicas (2)
@@ -47,7 +48,7 @@ class EvaluatorTest(tf.test.TestCase):
 
     def test_every_image_once_on_one_and_two_replicas_with_a_partial_last_batch(self):
         one = self.predict(tf.distribute.get_strategy())
-        two = self.predict(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+        two = self.predict(distribution.build_strategy("mirrored"))
         for outputs in (one, two):
             self.assertCountEqual(outputs["source_id"].tolist(), range(1, NUM_IMAGES + 1))
             self.assertEqual(outputs["detection_masks"].shape[1:], (20, 28, 28))

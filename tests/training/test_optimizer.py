@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from official_maskrcnn.training import distribution
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import schedule as schedule_lib
 
@@ -227,7 +228,7 @@ class MirroredStrategyTest(MomentumSGDTestCase):
             optimizer.apply_gradients(zip(grads, [variables[n] for n in names]))
         single = {name: v.numpy() for name, v in variables.items()}
 
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        strategy = distribution.build_strategy("mirrored")
         self.assertEqual(strategy.num_replicas_in_sync, 2)
         with strategy.scope():
             mirrored_variables = make_variables(initial)

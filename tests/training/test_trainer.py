@@ -16,7 +16,7 @@ import tf_keras
 
 from official_maskrcnn.data import dataset_builder
 from official_maskrcnn.modeling import factory
-from official_maskrcnn.training import checkpointing
+from official_maskrcnn.training import checkpointing, distribution
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
 from tfrecord_tools import conversion, make_synthetic_coco
@@ -93,7 +93,7 @@ class ReplicaEquivalenceTest(TrainerTestBase):
         batch = duplicate_first_image(self.batches[0])
         weights, initial = {}, None
         for name, strategy in [("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
-                               ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))]:
+                               ("two", distribution.build_strategy("mirrored"))]:
             model, optimizer = self.build(strategy)
             if initial is None:
                 initial = [v.numpy() for v in model.variables]
