@@ -32,10 +32,11 @@ format: $(STAMP)
 	$(VENV)/bin/isort official_maskrcnn tfrecord_tools tests benchmarks
 	$(VENV)/bin/yapf --in-place --recursive official_maskrcnn tfrecord_tools tests benchmarks
 
-# The demo on the embedded synthetic data: generate -> convert -> verify -> summary.
+# The demo on the embedded synthetic data: generate -> convert -> verify -> train from scratch
+# (COCO evaluation every epoch) -> evaluate the last checkpoint -> draw predictions.
 demo: $(STAMP)
-	$(PY) -m tfrecord_tools.make_synthetic_coco --output_dir $(DEMO)/coco --split train --num_images 256 --seed 1
-	$(PY) -m tfrecord_tools.make_synthetic_coco --output_dir $(DEMO)/coco --split val --num_images 64 --seed 2
+	$(PY) -m tfrecord_tools.make_synthetic_coco --output_dir $(DEMO)/coco --split train --num_images 256 --image_size 128 --seed 1
+	$(PY) -m tfrecord_tools.make_synthetic_coco --output_dir $(DEMO)/coco --split val --num_images 64 --image_size 128 --seed 2
 	$(PY) -m tfrecord_tools.create_coco_tfrecord --image_dir $(DEMO)/coco/train \
 	  --annotations_file $(DEMO)/coco/annotations/instances_train.json \
 	  --output_prefix $(DEMO)/tfrecords/train --num_shards 4 --num_workers $(DEMO_WORKERS)
@@ -46,7 +47,14 @@ demo: $(STAMP)
 	  --annotations_file $(DEMO)/coco/annotations/instances_train.json
 	$(PY) -m tfrecord_tools.verify_tfrecord --file_pattern '$(DEMO)/tfrecords/val-*' \
 	  --annotations_file $(DEMO)/coco/annotations/instances_val.json
-	@echo "Demo outputs are under $(DEMO)/ (COCO data in coco/, records and manifests in tfrecords/)."
+	rm -rf $(DEMO)/model
+	$(PY) -m official_maskrcnn.train --gin_file configs/demo.gin --model_dir $(DEMO)/model
+	$(PY) -m official_maskrcnn.evaluate --gin_file configs/demo.gin --model_dir $(DEMO)/model
+	$(PY) -m official_maskrcnn.predict --gin_file configs/demo.gin --checkpoint $(DEMO)/model \
+	  --output_dir $(DEMO)/predictions $$(ls $(DEMO)/coco/val/*.jpg | head -6)
+	@echo "Demo outputs are under $(DEMO)/: COCO data in coco/, records in tfrecords/, the run in"
+	@echo "model/ (checkpoints, metrics.jsonl: mAP per epoch, mlperf.log, eval-*.json, TensorBoard),"
+	@echo "pictures of val predictions in predictions/."
 
 clean-demo:
 	rm -rf $(DEMO)
