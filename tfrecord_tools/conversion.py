@@ -36,8 +36,11 @@ def check_image_dir(image_dir):
 
 
 def convert(image_dir, annotations_file, output_prefix, num_shards, num_workers,
-            command_line=None, progress_stream=None):
+            command_line=None, progress_stream=None, max_images=None):
     """Converts a COCO dataset; returns the manifest dict (also written beside the shards).
+
+    `max_images` converts only the first N images of the JSON (in its order), e.g. for a quick
+    experiment on a few real images; the manifest records the limit.
 
     Raises:
       ConversionError: the input as a whole is unusable (message says what and where).
@@ -46,8 +49,11 @@ def convert(image_dir, annotations_file, output_prefix, num_shards, num_workers,
         raise ConversionError(f"--num_shards must be >= 1, found {num_shards}")
     if num_workers < 1:
         raise ConversionError(f"--num_workers must be >= 1, found {num_workers}")
+    if max_images is not None and max_images < 1:
+        raise ConversionError(f"--max_images must be >= 1, found {max_images}")
     check_image_dir(image_dir)
     index = load_coco_index(annotations_file)
+    images = index.images[:max_images] if max_images else index.images
     tally = tally_lib.Tally()
     tally.merge(index.tally)
     names = {entry.coco_id: entry.name for entry in index.label_map}
@@ -55,13 +61,13 @@ def convert(image_dir, annotations_file, output_prefix, num_shards, num_workers,
                                     annotations=index.annotations_by_image[image["id"]],
                                     image_dir=image_dir,
                                     label_of_coco_id=index.label_of_coco_id,
-                                    name_of_coco_id=names) for image in index.images)
+                                    name_of_coco_id=names) for image in images)
 
     for stale in shard_writer_lib.stale_incomplete_dirs(output_prefix):
         print(f"warning: {stale} is left from an interrupted run; delete it to free its space",
               file=sys.stderr)
     written = {"images": 0, "annotations": 0, "crowd": 0, "images_without_annotations": 0}
-    progress = Progress(len(index.images), label="create_coco_tfrecord", stream=progress_stream)
+    progress = Progress(len(images), label="create_coco_tfrecord", stream=progress_stream)
     with shard_writer_lib.ShardSetWriter(output_prefix, num_shards) as writer:
         for done, result in enumerate(
                 parallel.ordered_map(image_worker.process_image, tasks, num_workers), start=1):
@@ -82,6 +88,7 @@ def convert(image_dir, annotations_file, output_prefix, num_shards, num_workers,
 
     manifest = build_manifest(index, tally, written, shards, annotations_file, image_dir,
                               command_line)
+    manifest["max_images"] = max_images
     write_json_atomically(shard_writer_lib.manifest_path(writer.prefix), manifest)
     return manifest
 

@@ -31,6 +31,8 @@ def parse_args(argv):
                         help="number of output shards (default 32; use 256 for train2017)")
     parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes; 1 converts in this process (default: CPU count)")
+    parser.add_argument("--max_images", type=int, default=None,
+                        help="convert only the first N images of the JSON (quick experiments)")
     return parser.parse_args(argv)
 
 
@@ -49,7 +51,7 @@ def main(argv=None):
         manifest = conversion.convert(
             image_dir=args.image_dir, annotations_file=args.annotations_file,
             output_prefix=args.output_prefix, num_shards=args.num_shards,
-            num_workers=args.num_workers,
+            num_workers=args.num_workers, max_images=args.max_images,
             command_line=["python", "-m", "tfrecord_tools.create_coco_tfrecord", *argv])
     except ConversionError as e:
         print(f"create_coco_tfrecord: error: {e}", file=sys.stderr)

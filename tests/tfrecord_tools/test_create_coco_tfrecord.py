@@ -85,6 +85,24 @@ class Coco128Test(tf.test.TestCase):
         # The one grayscale JPEG of coco128 is converted; every other file is kept byte for byte.
         self.assertEqual(m["conversions"]["image_grayscale_to_rgb"]["count"], 1)
 
+    def test_max_images_converts_the_first_n_images_of_the_json(self):
+        prefix = os.path.join(self.tmp, "first8", "train")
+        with mock.patch("sys.stdout", io.StringIO()), mock.patch("sys.stderr", io.StringIO()):
+            code = create_coco_tfrecord.main([
+                "--image_dir", COCO128_IMAGES, "--annotations_file", COCO128_JSON,
+                "--output_prefix", prefix, "--num_shards", "1", "--num_workers", "1",
+                "--max_images", "8"])
+        self.assertEqual(code, 0)
+        with open(COCO128_JSON) as f:
+            first_ids = [image["id"] for image in json.load(f)["images"][:8]]
+        ids = [tf.train.Example.FromString(r).features.feature["image/source_id"]
+               for r in read_records(prefix)]
+        self.assertEqual([int(i.bytes_list.value[0]) if i.bytes_list.value else
+                          int(i.int64_list.value[0]) for i in ids], first_ids)
+        with open(prefix + ".manifest.json") as f:
+            manifest = json.load(f)
+        self.assertEqual((manifest["images_written"], manifest["max_images"]), (8, 8))
+
     def test_label_map_is_contiguous_and_keeps_coco_ids(self):
         label_map = self.manifest["label_map"]
         self.assertEqual([e["label"] for e in label_map], list(range(1, 81)))
@@ -292,6 +310,7 @@ class FatalErrorTest(tf.test.TestCase):
     def test_bad_shard_and_worker_counts(self):
         self.assert_fails("--num_shards must be >= 1", num_shards=0)
         self.assert_fails("--num_workers must be >= 1", num_workers=0)
+        self.assert_fails("--max_images must be >= 1", max_images=0)
 
     def test_existing_shards_of_another_count_are_refused(self):
         self.assertEqual(self.run_cli(num_shards=3)[0], 0)
