@@ -45,10 +45,11 @@ def make_data():
 
 
 def seconds(text):
-    """'1m02s' / '35s' -> seconds."""
-    minutes = re.search(r"(\d+)m", text)
-    secs = re.search(r"(\d+)s", text)
-    return (int(minutes.group(1)) * 60 if minutes else 0) + (int(secs.group(1)) if secs else 0)
+    """'1:02' / '1:02:03' (tfrecord_tools.progress.format_seconds) -> seconds."""
+    total = 0
+    for part in text.split(":"):
+        total = total * 60 + int(part)
+    return total
 
 
 def one_run(pattern, jit, epochs):

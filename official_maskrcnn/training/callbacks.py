@@ -12,20 +12,10 @@ import time
 import tensorflow as tf
 import tf_keras
 
+from tfrecord_tools.progress import format_seconds
+
 LOSS_KEYS = ("total_loss", "rpn_score_loss", "rpn_box_loss", "frcnn_class_loss",
              "frcnn_box_loss", "mask_loss")
-
-
-def format_duration(seconds):
-    """'1h02m03s' / '2m03s' / '3s'."""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 class ProgressLogger(tf_keras.callbacks.Callback):
@@ -62,8 +52,8 @@ class ProgressLogger(tf_keras.callbacks.Callback):
             return
         step = int(logs.get("step", batch + 1))
         if self._timed_steps:
-            eta = format_duration((self.total_steps - step) * self._timed_seconds
-                                  / self._timed_steps)
+            eta = format_seconds((self.total_steps - step) * self._timed_seconds
+                                 / self._timed_steps)
         else:
             eta = "?"
         losses = " ".join(f"{key.replace('_loss', '')}={logs[key]:.4f}" for key in LOSS_KEYS
@@ -71,7 +61,7 @@ class ProgressLogger(tf_keras.callbacks.Callback):
         print(f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%) "
               f"epoch {logs.get('epoch', '?')} | {losses} | lr={logs.get('learning_rate', 0):.5g}"
               f" | {logs.get('images_per_second', 0):.2f} img/s | elapsed "
-              f"{format_duration(time.perf_counter() - self._start)} ETA {eta}",
+              f"{format_seconds(time.perf_counter() - self._start)} ETA {eta}",
               file=self.stream, flush=True)
 
 

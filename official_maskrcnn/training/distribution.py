@@ -55,8 +55,3 @@ def worker_info(strategy):
     tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
     num_workers = len(tf_config.get("cluster", {}).get("worker", [])) or 1
     return int(resolver.task_id or 0), num_workers
-
-
-def is_chief(strategy):
-    """Whether this process writes the shared outputs (checkpoints, logs): worker 0."""
-    return worker_info(strategy)[0] == 0
