@@ -1,7 +1,5 @@
 """Evaluator + PostProcessor on a tiny model: every image exactly once, on one and two replicas."""
 
-import io
-import os
 import tempfile
 from unittest import mock
 
@@ -13,7 +11,7 @@ from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.modeling import factory
 from official_maskrcnn.train import dummy_training_inputs
 from official_maskrcnn.training import distribution
-from tfrecord_tools import conversion, make_synthetic_coco
+from tests import synthetic_records
 
 NUM_IMAGES = 13  # not a multiple of the eval batch (4) nor of the replicas (2)
 TINY = dict(num_classes=4, backbone_depth=18, backbone_norm="group_norm", freeze_at=0,
@@ -28,14 +26,8 @@ class EvaluatorTest(tf.test.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.tmp = tempfile.mkdtemp()
-        with mock.patch("sys.stderr", io.StringIO()):
-            make_synthetic_coco.main(["--output_dir", cls.tmp, "--split", "v", "--num_images",
-                                      str(NUM_IMAGES), "--image_size", "96", "--seed", "4"])
-        cls.annotations = os.path.join(cls.tmp, "annotations", "instances_v.json")
-        conversion.convert(os.path.join(cls.tmp, "v"), cls.annotations,
-                           os.path.join(cls.tmp, "rec", "v"), 3, 1,
-                           progress_stream=io.StringIO())
-        cls.pattern = os.path.join(cls.tmp, "rec", "v-*")
+        cls.pattern, cls.annotations = synthetic_records.write_split(
+            cls.tmp, "v", NUM_IMAGES, seed=4, num_shards=3)
 
     def predict(self, strategy):
         with strategy.scope():

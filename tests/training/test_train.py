@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-from unittest import mock
 
 import gin
 import tensorflow as tf
@@ -23,7 +22,7 @@ from official_maskrcnn import evaluate, train
 from official_maskrcnn.evaluation import coco_metrics
 from official_maskrcnn.training import mlperf_logger
 from official_maskrcnn.training import trainer as trainer_lib
-from tfrecord_tools import conversion, make_synthetic_coco
+from tests import synthetic_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(REPO, "configs", "smoke_cpu.gin")
@@ -32,18 +31,11 @@ NO_EVAL = "run.eval_annotations_file = None"  # faster, where the test is not ab
 
 def make_smoke_data(root):
     """The smoke config's data; returns gin bindings pointing the config at it."""
-    for split, seed in (("train", "1"), ("val", "2")):
-        with mock.patch("sys.stderr", io.StringIO()):
-            make_synthetic_coco.main(["--output_dir", os.path.join(root, "coco"), "--split",
-                                      split, "--num_images", "16", "--image_size", "96",
-                                      "--seed", seed])
-        conversion.convert(os.path.join(root, "coco", split),
-                           os.path.join(root, "coco", "annotations", f"instances_{split}.json"),
-                           os.path.join(root, "tfrecords", split), 2, 1,
-                           progress_stream=io.StringIO())
-    return [f"train/DatasetBuilder.file_pattern = '{root}/tfrecords/train-*'",
-            f"eval/DatasetBuilder.file_pattern = '{root}/tfrecords/val-*'",
-            f"coco_annotations_file = '{root}/coco/annotations/instances_val.json'"]
+    train_pattern, _ = synthetic_records.write_split(root, "train", 16, seed=1, num_shards=2)
+    val_pattern, val_json = synthetic_records.write_split(root, "val", 16, seed=2, num_shards=2)
+    return [f"train/DatasetBuilder.file_pattern = '{train_pattern}'",
+            f"eval/DatasetBuilder.file_pattern = '{val_pattern}'",
+            f"coco_annotations_file = '{val_json}'"]
 
 
 def fingerprint(output):

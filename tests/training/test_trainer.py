@@ -4,11 +4,9 @@ Inputs are real parser output (a tiny synthetic COCO converted to records), fed 
 `train_data(epoch, start_batch)` so that each test controls exactly which batch each step sees.
 """
 
-import io
 import os
 import signal
 import tempfile
-from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -19,7 +17,7 @@ from official_maskrcnn.modeling import factory
 from official_maskrcnn.training import checkpointing, distribution
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
-from tfrecord_tools import conversion, make_synthetic_coco
+from tests import synthetic_records
 
 SIZE = 64  # min_size = max_size = 64: both orientations pad to 64 x 64
 # Every anchor and every ROI candidate is sampled, so the sampling seed and an image's position
@@ -33,14 +31,9 @@ EXHAUSTIVE = dict(
 
 def make_batches(root):
     """Two real training batches of 2 images each (dict of numpy arrays)."""
-    with mock.patch("sys.stderr", io.StringIO()):
-        make_synthetic_coco.main(["--output_dir", root, "--split", "t", "--num_images", "8",
-                                  "--image_size", "96", "--seed", "3"])
-    conversion.convert(os.path.join(root, "t"), os.path.join(root, "annotations",
-                                                             "instances_t.json"),
-                       os.path.join(root, "rec", "t"), 1, 1, progress_stream=io.StringIO())
-    builder = dataset_builder.DatasetBuilder(os.path.join(root, "rec", "t-*"), True, 2,
-                                             min_size=SIZE, max_size=SIZE, seed=5)
+    pattern, _ = synthetic_records.write_split(root, "t", 8, seed=3, num_shards=1)
+    builder = dataset_builder.DatasetBuilder(pattern, True, 2, min_size=SIZE, max_size=SIZE,
+                                             seed=5)
     batches = []
     for batch in builder().take(2):
         batches.append({key: value.numpy() for key, value in batch.items()
