@@ -20,14 +20,11 @@ import sys
 import tensorflow as tf
 from absl import app, flags
 
-from official_maskrcnn import train
-from official_maskrcnn.data import dataset_builder
+from official_maskrcnn import runtime
 from official_maskrcnn.evaluation import coco_metrics
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
-from official_maskrcnn.training import distribution
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (default: the newest in --model_dir).")
+FLAGS = flags.FLAGS  # --gin_file, --gin_param, --model_dir, --checkpoint: defined in `runtime`
 
 
 class EvaluateError(RuntimeError):
@@ -45,29 +42,24 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
 
     Args:
       model_dir: the run's folder (checkpoints; outputs are written there).
-      checkpoint: a checkpoint prefix; None: the newest in model_dir.
-      settings: `run`'s settings (default: `train.run_settings()` from the parsed gin config).
+      checkpoint: a checkpoint prefix or a folder (its newest); None: the newest in model_dir.
+      settings: a `runtime.RunSettings` (default: the one of the parsed gin config).
     """
-    settings = settings or train.run_settings()
-    annotations = settings["eval_annotations_file"]
+    settings = settings or runtime.run_settings()
+    annotations = settings.eval_annotations_file
     if not annotations:
         raise EvaluateError("no ground truth: set run.eval_annotations_file (the eval split's "
                             "COCO annotation JSON) in the config or with --gin_param")
-    checkpoint = checkpoint or tf.train.latest_checkpoint(model_dir)
+    checkpoint = (runtime.resolve_checkpoint(checkpoint) if checkpoint
+                  else tf.train.latest_checkpoint(model_dir))
     if not checkpoint:
         raise EvaluateError(f"no checkpoint in {model_dir} (and no --checkpoint given)")
-    strategy_kind = settings["strategy"]
-    if strategy_kind == "mirrored" and settings["num_gpus"] == 0:
-        strategy_kind = "default"
-    strategy = distribution.build_strategy(strategy_kind, settings["num_gpus"])
-    model = train.build_model(strategy, settings["precision"])
-    # Only the model is restored: the optimizer's slots in the checkpoint are not needed here.
-    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial() \
-        .assert_existing_objects_matched()
-    builder = train.build_eval_dataset(settings["eval_batch_size"]
-                                       or settings["global_batch_size"])
+    strategy = runtime.build_strategy(settings)
+    model = runtime.build_model(strategy, settings.precision)
+    runtime.restore_model_weights(model, checkpoint)
+    builder = runtime.build_eval_dataset(settings.eval_global_batch_size)
     outputs = evaluator_lib.Evaluator(strategy, model, builder).predict()
-    postprocessor = evaluator_lib.PostProcessor(annotations, settings["eval_processes"])
+    postprocessor = evaluator_lib.PostProcessor(annotations, settings.eval_processes)
     try:
         metrics, results = postprocessor.run(outputs)
     finally:
@@ -93,10 +85,10 @@ def main(argv):
         raise app.UsageError("--model_dir is required")
     if not FLAGS.gin_file:
         raise app.UsageError("give at least one --gin_file (the training config)")
-    train.parse_gin(FLAGS.gin_file, FLAGS.gin_param)
     try:
+        runtime.parse_gin(FLAGS.gin_file, FLAGS.gin_param)
         metrics, results, checkpoint = evaluate_checkpoint(FLAGS.model_dir, FLAGS.checkpoint)
-    except (EvaluateError, dataset_builder.InputError, evaluator_lib.EvaluationError) as e:
+    except (EvaluateError, evaluator_lib.EvaluationError, *runtime.INPUT_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(f"checkpoint {checkpoint}: box AP {metrics['bbox']['AP']:.4f}, "

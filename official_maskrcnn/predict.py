@@ -54,16 +54,12 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
-from official_maskrcnn import train, visualization
-from official_maskrcnn.data import dataset_builder, decoder, parsers, preprocess_ops
+from official_maskrcnn import runtime, visualization
+from official_maskrcnn.data import dataset_builder, decoder, parsers
 from official_maskrcnn.evaluation import coco_results
 from tfrecord_tools import coco_index
 
-FLAGS = flags.FLAGS
-# --checkpoint is also defined by evaluate.py; allow_override lets both modules be imported in
-# one process (tests), each entry point keeps its own meaning.
-flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (.../ckpt-N) or a folder (its newest "
-                    "checkpoint).", allow_override=True)
+FLAGS = flags.FLAGS  # --gin_file, --gin_param, --checkpoint: defined in `runtime`
 flags.DEFINE_string("output_dir", None, "Where the pictures, predictions.json and images.json go.")
 flags.DEFINE_float("score_threshold", 0.5, "Keep detections with at least this score.")
 flags.DEFINE_integer("max_detections", 100, "Keep at most this many detections per image.")
@@ -227,27 +223,19 @@ def resolve_checkpoint(checkpoint):
     """A checkpoint prefix from a prefix or a folder; PredictError if there is none."""
     if not checkpoint:
         raise PredictError("--checkpoint is required (a prefix .../ckpt-N or a model folder)")
-    if tf.io.gfile.isdir(checkpoint):
-        newest = tf.train.latest_checkpoint(checkpoint)
-        if not newest:
-            raise PredictError(f"--checkpoint {checkpoint}: no checkpoint in this folder")
-        return newest
-    if not tf.io.gfile.exists(checkpoint + ".index"):
-        raise PredictError(f"--checkpoint {checkpoint}: no such checkpoint (expected the file "
-                           f"{checkpoint}.index)")
-    return checkpoint
+    try:
+        return runtime.resolve_checkpoint(checkpoint)
+    except runtime.CheckpointNotFoundError as e:
+        raise PredictError(str(e)) from e
 
 
 def restore_model(checkpoint, precision):
     """The gin-configured model on the default strategy with the weights of `checkpoint`."""
-    model = train.build_model(tf.distribute.get_strategy(), precision)
+    model = runtime.build_model(tf.distribute.get_strategy(), precision)
     try:
-        # Only the model: the optimizer's slots and the step in the checkpoint are not needed.
-        tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial() \
-            .assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise PredictError(f"--checkpoint {checkpoint} does not hold this config's model: "
-                           f"{str(e).splitlines()[0][:300]}") from e
+        runtime.restore_model_weights(model, checkpoint)
+    except runtime.CheckpointMismatchError as e:
+        raise PredictError(f"--checkpoint {e}") from e
     return model
 
 
@@ -274,20 +262,11 @@ class Predictor:
         """[H, W, 3] uint8 RGB -> the eval parser's images [Hp, Wp, 3], image_size [2] (h, w),
         scale [2] (h / H, w / W).
 
-        The parser's own steps after its JPEG decode (`EvalParser.__call__`), on an image that
-        may come from a PNG: channel order, normalise + resize, pad.
+        `EvalParser.preprocess_image`, the eval records' own steps after their JPEG decode, on
+        an image that may come from a PNG: channel order, normalise + resize, pad.
         """
-        height, width = tf.shape(image)[0], tf.shape(image)[1]
-        ordered = preprocess_ops.order_channels(image, self.parser.pixel_mode)
-        resized, new_h, new_w, pad_h, pad_w = self.parser._normalize_and_resize(
-            ordered, height, width, parsers.is_portrait({"height": height, "width": width}))
-        image_size = tf.stack([new_h, new_w])
-        original_size = tf.stack([height, width])
-        return {
-            "images": self.parser._pad(resized, pad_h, pad_w),
-            "image_size": image_size,
-            "scale": tf.cast(image_size, tf.float32) / tf.cast(original_size, tf.float32),
-        }
+        inputs = self.parser.preprocess_image(image)
+        return {key: inputs[key] for key in ("images", "image_size", "scale")}
 
     def __call__(self, image):
         """[H, W, 3] uint8 -> dict of numpy arrays for one image (batch of 1): the model's
@@ -325,10 +304,7 @@ def image_detections(outputs, keep, image_id, label_to_category):
     kept.update(source_id=np.array([image_id], np.int64), original_size=outputs["original_size"],
                 scale=outputs["scale"], num_detections=np.array([keep.size], np.int32))
     results = coco_results.detections_to_coco(kept, label_to_category)
-    scale_y, scale_x = (float(s) for s in outputs["scale"][0])
-    # Resized frame -> original frame, as detections_to_coco does (the reference's resize).
-    boxes_xyxy = kept["detection_boxes"][0][:, [1, 0, 3, 2]] / np.array(
-        [scale_x, scale_y, scale_x, scale_y], np.float32)
+    boxes_xyxy = coco_results.original_boxes_xyxy(kept["detection_boxes"][0], outputs["scale"][0])
     height, width = (int(v) for v in outputs["original_size"][0])
     return {
         "results": results,
@@ -372,7 +348,7 @@ def predict(image_paths, output_dir, checkpoint, score_threshold=0.5, max_detect
       output_dir: created; receives the pictures, predictions.json and images.json.
       checkpoint: a checkpoint prefix or a folder (its newest checkpoint).
       score_threshold, max_detections: which detections are kept (module docstring).
-      settings: `run`'s settings (default: `train.run_settings()`).
+      settings: a `runtime.RunSettings` (default: the one of the parsed gin config).
       stream: where the per-image lines go.
     Raises:
       PredictError: bad arguments, inputs, checkpoint or annotations; raised before anything
@@ -384,12 +360,12 @@ def predict(image_paths, output_dir, checkpoint, score_threshold=0.5, max_detect
         raise PredictError(f"--max_detections must be >= 1, found {max_detections}")
     if not output_dir:
         raise PredictError("--output_dir is required")
-    settings = settings or train.run_settings()
+    settings = settings or runtime.run_settings()
     checkpoint = resolve_checkpoint(checkpoint)
     parser = eval_preprocessing()
-    label_map = load_label_map(settings["eval_annotations_file"])
+    label_map = load_label_map(settings.eval_annotations_file)
     inputs = check_inputs(list(image_paths), output_dir)
-    model = restore_model(checkpoint, settings["precision"])
+    model = restore_model(checkpoint, settings.precision)
     class_names, label_to_category = class_maps(label_map, model.get_config()["num_classes"])
     predictor = Predictor(model, parser)
 
@@ -419,10 +395,10 @@ def run_command(gin_files, gin_params, checkpoint, output_dir, image_paths, scor
     try:
         if not gin_files:
             raise PredictError("give at least one --gin_file (the training config)")
-        train.parse_gin(gin_files, gin_params)
+        runtime.parse_gin(gin_files, gin_params)
         predict(image_paths, output_dir, checkpoint, score_threshold, max_detections,
                 stream=stdout)
-    except (PredictError, FileNotFoundError) as e:
+    except (PredictError, *runtime.INPUT_ERRORS) as e:
         print(f"error: {e}", file=stderr, flush=True)
         return 1
     return 0

@@ -22,7 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from official_maskrcnn import predict, train
+from official_maskrcnn import predict, runtime
 from official_maskrcnn.data import dataset_builder, decoder
 from official_maskrcnn.training import optimizer as optimizer_lib
 from tfrecord_tools import conversion, make_synthetic_coco
@@ -47,9 +47,9 @@ def make_data(root):
 def train_two_steps(bindings):
     """The smoke model after two SGD steps on real batches; returns it (weights changed)."""
     gin.clear_config()
-    train.parse_gin([SMOKE], bindings)
+    runtime.parse_gin([SMOKE], bindings)
     tf_keras.utils.set_random_seed(1)
-    model = train.build_model(tf.distribute.get_strategy(), "float32")
+    model = runtime.build_model(tf.distribute.get_strategy(), "float32")
     with gin.config_scope("train"):
         builder = dataset_builder.DatasetBuilder(is_training=True, global_batch_size=2, seed=1)
     optimizer = optimizer_lib.MomentumSGD(0.01)
@@ -106,7 +106,7 @@ class PredictTest(tf.test.TestCase):
     def setUp(self):
         super().setUp()
         gin.clear_config()
-        train.parse_gin([SMOKE], self.bindings)
+        runtime.parse_gin([SMOKE], self.bindings)
 
     def image_ids(self):
         return [int(os.path.splitext(os.path.basename(path))[0]) for path in self.images]

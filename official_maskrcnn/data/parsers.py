@@ -139,17 +139,32 @@ class EvalParser(_ResizePadMixin):
         self.pixel_mode = pixel_mode
 
     def __call__(self, parsed):
-        image = ops.order_channels(decoder.decode_image(parsed["encoded_image"]),
-                                   self.pixel_mode)
+        outputs = self.preprocess_image(decoder.decode_image(parsed["encoded_image"]),
+                                        parsed["height"], parsed["width"])
+        outputs.update(source_id=parsed["source_id"], is_valid=tf.constant(True))
+        return outputs
+
+    def preprocess_image(self, image, height=None, width=None):
+        """The inference preprocessing of one decoded image, for every caller (the eval
+        records, `predict`, a serving export): channel order, normalise + resize, pad.
+
+        Args:
+          image: [H, W, 3] uint8 RGB.
+          height, width: H and W when known (a record's fields); default: the image's shape.
+        Returns:
+          images [Hp, Wp, 3] float32, image_size [2] int32 (h, w) inside the padding,
+          original_size [2] int32 (H, W), scale [2] float32 (h / H, w / W).
+        """
+        if height is None:
+            height, width = tf.shape(image)[0], tf.shape(image)[1]
+        image = ops.order_channels(image, self.pixel_mode)
         resized, new_h, new_w, pad_h, pad_w = self._normalize_and_resize(
-            image, parsed["height"], parsed["width"], is_portrait(parsed))
-        original_size = tf.stack([parsed["height"], parsed["width"]])
+            image, height, width, is_portrait({"height": height, "width": width}))
+        original_size = tf.stack([height, width])
         image_size = tf.stack([new_h, new_w])
         return {
             "images": self._pad(resized, pad_h, pad_w),
             "image_size": image_size,
             "original_size": original_size,
             "scale": tf.cast(image_size, tf.float32) / tf.cast(original_size, tf.float32),
-            "source_id": parsed["source_id"],
-            "is_valid": tf.constant(True),
         }

@@ -203,6 +203,21 @@ def _encode_canvas(canvas):
     return rles
 
 
+def original_boxes_xyxy(boxes_yxyx, scale):
+    """Detection boxes of the network input -> [x1, y1, x2, y2] pixels of the original image.
+
+    Args:
+      boxes_yxyx: [N, 4] [ymin, xmin, ymax, xmax] pixels of the resized image.
+      scale: [2] (h / H, w / W), resized over original size (the eval parser's `scale`).
+    Returns:
+      [N, 4] float32 (the reference multiplies by original / resized, i.e. divides by scale).
+    """
+    scale_y, scale_x = (float(s) for s in scale)
+    boxes_yxyx = np.asarray(boxes_yxyx, np.float32)
+    return boxes_yxyx[:, [1, 0, 3, 2]] / np.array([scale_x, scale_y, scale_x, scale_y],
+                                                  np.float32)
+
+
 def _image_results(outputs, index, label_to_category, mask_threshold, include_masks):
     """COCO result dicts of image `index` of the batched outputs."""
     if "is_valid" in outputs and not bool(outputs["is_valid"][index]):
@@ -217,11 +232,8 @@ def _image_results(outputs, index, label_to_category, mask_threshold, include_ma
     if unknown:
         raise ValueError(f"image {image_id}: detection_classes {unknown[:10]} have no COCO "
                          f"category (the label map has labels 1..{max(label_to_category)})")
-    scale_y, scale_x = (float(s) for s in outputs["scale"][index])
-    boxes_yxyx = np.asarray(outputs["detection_boxes"][index][keep], np.float32)
-    # Resized frame -> original frame (the reference multiplies by original / resized).
-    boxes_xyxy = boxes_yxyx[:, [1, 0, 3, 2]] / np.array(
-        [scale_x, scale_y, scale_x, scale_y], np.float32)
+    boxes_xyxy = original_boxes_xyxy(outputs["detection_boxes"][index][keep],
+                                     outputs["scale"][index])
     coco_boxes_xywh = np.concatenate(
         [boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2] + LEGACY_PLUS_ONE], axis=1)
     scores = np.asarray(outputs["detection_scores"][index][keep], np.float32)

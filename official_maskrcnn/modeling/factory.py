@@ -8,15 +8,15 @@ them into `MaskRCNNModel` with its plain settings. Defaults are the MLPerf refer
 import gin
 
 from official_maskrcnn.modeling import maskrcnn_model
-from official_maskrcnn.modeling.backbones import resnet
+from official_maskrcnn.modeling.backbones import checkpoint, resnet
+from official_maskrcnn.modeling.coco_classes import NUM_CLASSES_COCO
 from official_maskrcnn.modeling.decoders import fpn
 from official_maskrcnn.modeling.heads import box_head, mask_head, rpn_head
 from official_maskrcnn.ops import anchors as anchors_lib
-from official_maskrcnn.tools import convert_r50_pkl
 
 
 @gin.configurable
-def build_maskrcnn_model(num_classes=81, backbone_depth=50, backbone_norm="frozen_bn",
+def build_maskrcnn_model(num_classes=NUM_CLASSES_COCO, backbone_depth=50, backbone_norm="frozen_bn",
                          freeze_at=2, fpn_num_filters=256, box_head_mlp_dim=1024,
                          mask_head_num_convs=4, mask_head_num_filters=256,
                          backbone_checkpoint=None, **model_settings):
@@ -30,7 +30,8 @@ def build_maskrcnn_model(num_classes=81, backbone_depth=50, backbone_norm="froze
       mask_head_num_convs, mask_head_num_filters: the mask head's 3x3 conv tower.
       backbone_checkpoint: optional prefix of a backbone checkpoint written by
         `tools.convert_r50_pkl` or `tools.convert_keras_resnet50`; restored into the backbone
-        here, before the first step (a mismatch raises `ConversionError`).
+        here, before the first step (a mismatch raises
+        `checkpoint.BackboneWeightsError`).
       **model_settings: `MaskRCNNModel`'s plain settings (anchors, sampling, NMS, ROI sizes,
         detections), passed on unchanged; their defaults are the model's, which are the
         reference's. gin binds them here like the named arguments.
@@ -41,7 +42,7 @@ def build_maskrcnn_model(num_classes=81, backbone_depth=50, backbone_norm="froze
     backbone = resnet.ResNet(depth=backbone_depth, norm=backbone_norm, freeze_at=freeze_at,
                              name="resnet")
     if backbone_checkpoint:
-        convert_r50_pkl.load_backbone_checkpoint(backbone, backbone_checkpoint)
+        checkpoint.load_backbone_checkpoint(backbone, backbone_checkpoint)
     decoder = fpn.FPN(num_filters=fpn_num_filters, name="fpn")
     num_anchors = len(model_settings.get("aspect_ratios", anchors_lib.ASPECT_RATIOS))
     rpn = rpn_head.RPNHead(num_anchors=num_anchors, num_filters=fpn_num_filters, name="rpn_head")

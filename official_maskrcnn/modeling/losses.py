@@ -20,9 +20,11 @@ Note: Keras `Huber(delta=d)` is d * smooth_l1(beta=d), not the reference's smoot
 
 import tensorflow as tf
 
+from official_maskrcnn.ops.rpn_targets import NEGATIVE as RPN_NEGATIVE
+from official_maskrcnn.ops.rpn_targets import POSITIVE as RPN_POSITIVE
+
 RPN_BOX_BETA = 1.0 / 9.0
 FRCNN_BOX_BETA = 1.0
-RPN_POSITIVE, RPN_NEGATIVE = 1, 0  # any other label (-1) is not sampled
 
 
 def smooth_l1(predictions, targets, beta):

@@ -23,6 +23,7 @@ import tensorflow as tf
 import tf_keras
 
 from official_maskrcnn.modeling import losses as losses_lib
+from official_maskrcnn.modeling.coco_classes import NUM_CLASSES_COCO
 from official_maskrcnn.ops import anchors as anchors_lib
 from official_maskrcnn.ops import box_ops, mask_targets, nms, proposals, roi_align, roi_targets
 from official_maskrcnn.ops import rpn_targets as rpn_targets_lib
@@ -45,14 +46,16 @@ class MaskRCNNModel(tf_keras.Model):
     and restored through checkpoints.
     """
 
-    def __init__(self, backbone, decoder, rpn_head, box_head, mask_head, num_classes=81,
-                 anchor_sizes=anchors_lib.FPN_ANCHOR_SIZES,
+    def __init__(self, backbone, decoder, rpn_head, box_head, mask_head,
+                 num_classes=NUM_CLASSES_COCO, anchor_sizes=anchors_lib.FPN_ANCHOR_SIZES,
                  aspect_ratios=anchors_lib.ASPECT_RATIOS,
                  rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
                  rpn_fg_iou_threshold=0.7, rpn_bg_iou_threshold=0.3, rpn_straddle_thresh=0,
                  rpn_nms_threshold=proposals.RPN_NMS_THRESHOLD,
-                 rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000,
-                 rpn_pre_nms_top_n_eval=1000, rpn_post_nms_top_n_eval=1000,
+                 rpn_pre_nms_top_n_train=proposals.PRE_NMS_TOP_N_TRAIN,
+                 rpn_post_nms_top_n_train=proposals.POST_NMS_TOP_N_TRAIN_PER_IMAGE,
+                 rpn_pre_nms_top_n_eval=proposals.PRE_NMS_TOP_N_EVAL,
+                 rpn_post_nms_top_n_eval=proposals.POST_NMS_TOP_N_EVAL,
                  rpn_post_nms_per_image=True,
                  roi_num_samples=512, roi_fg_fraction=0.25, roi_fg_iou_threshold=0.5,
                  roi_bg_iou_threshold=0.5, box_roi_size=7, mask_roi_size=14, sampling_ratio=2,

@@ -34,11 +34,13 @@ import tensorflow as tf
 
 from official_maskrcnn.ops import box_ops, nms
 
-# maskrcnn-benchmark RPN defaults (FPN): PRE_NMS_TOP_N_TRAIN / _TEST (per level per image),
-# FPN_POST_NMS_TOP_N_TRAIN / _TEST, NMS_THRESH, MIN_SIZE.
+# maskrcnn-benchmark RPN defaults (FPN): PRE_NMS_TOP_N_TRAIN 2000 / _TEST 1000 per level per
+# image; FPN_POST_NMS_TOP_N_TRAIN 2000 per batch of 2 images, which the rules read as 1000 per
+# image (the model's default, per_image=True); FPN_POST_NMS_TOP_N_TEST 1000 per image;
+# NMS_THRESH, MIN_SIZE.
 PRE_NMS_TOP_N_TRAIN = 2000
 PRE_NMS_TOP_N_EVAL = 1000
-POST_NMS_TOP_N_TRAIN = 2000
+POST_NMS_TOP_N_TRAIN_PER_IMAGE = 1000
 POST_NMS_TOP_N_EVAL = 1000
 RPN_NMS_THRESHOLD = 0.7
 RPN_MIN_SIZE = 0.0

@@ -6,7 +6,7 @@
 reads the weights of `tf_keras.applications.ResNet50` (include_top False or True, as written by
 `model.save_weights(path)`, e.g. Keras's `resnet50_weights_tf_dim_ordering_tf_kernels*.h5`) and
 writes `tf.train.Checkpoint(backbone=ResNet(depth=50, norm="frozen_bn"))` at the given prefix,
-the layout `convert_r50_pkl.load_backbone_checkpoint` restores.
+the layout `modeling.backbones.checkpoint.load_backbone_checkpoint` restores.
 
 Keras's ResNet50 is the original ResNet v1, the same network as our MSRA backbone:
   - stem: ZeroPadding2D(3) + 7x7/2 'valid' conv + BN + ReLU + ZeroPadding2D(1) + 3x3/2 max pool;

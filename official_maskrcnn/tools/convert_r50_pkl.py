@@ -3,7 +3,8 @@
     python -m official_maskrcnn.tools.convert_r50_pkl --input R-50.pkl --output /ckpt/r50_detectron
 
 writes `tf.train.Checkpoint(backbone=ResNet(depth=50, norm="frozen_bn"))` at the given prefix
-(`PREFIX.index`, `PREFIX.data-*`); `load_backbone_checkpoint` restores it into a backbone.
+(`PREFIX.index`, `PREFIX.data-*`); `modeling.backbones.checkpoint.load_backbone_checkpoint`
+restores it into a backbone (`build_maskrcnn_model(backbone_checkpoint=PREFIX)`).
 
 The pickle (Python 2, read with latin1) is a dict of numpy blobs, possibly nested under "blobs":
   - `{layer}_w`: conv kernels [out, in, kh, kw] -> our Conv2D kernel [kh, kw, in, out];
@@ -22,16 +23,14 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from official_maskrcnn.modeling.backbones.checkpoint import BUILD_IMAGE_SIZE, BackboneWeightsError
 from official_maskrcnn.modeling.backbones.resnet import ResNet
 from official_maskrcnn.modeling.layers.frozen_batch_norm import FrozenBatchNorm
 
 MOMENTUM_SUFFIX = "_momentum"
-# An input size that builds every variable (any size works; small is fast).
-BUILD_IMAGE_SIZE = 64
-
-
-class ConversionError(ValueError):
-    """The pickle cannot be converted: unreadable, wrong structure, missing or misshapen blobs."""
+# The pickle cannot be converted (unreadable, wrong structure, missing or misshapen blobs): the
+# error of every backbone-weights problem, so that one `except` in the entries covers both.
+ConversionError = BackboneWeightsError
 
 
 def load_detectron_pickle(path):
@@ -146,27 +145,6 @@ def convert(input_path, output_prefix):
     os.makedirs(directory, exist_ok=True)
     report["checkpoint"] = tf.train.Checkpoint(backbone=model).write(output_prefix)
     return report
-
-
-def load_backbone_checkpoint(model, prefix):
-    """Restores a checkpoint written by `convert` into `model` (e.g. the training backbone).
-
-    Builds the model first if needed, then checks that every variable of `model` was restored
-    (so a depth or norm mismatch fails loudly). Trainability is not stored: the model's own
-    `freeze_at` decides what trains.
-
-    Returns:
-        The restore status.
-    """
-    if not model.built:
-        model(tf.zeros([1, BUILD_IMAGE_SIZE, BUILD_IMAGE_SIZE, 3]))
-    try:
-        status = tf.train.Checkpoint(backbone=model).read(prefix)
-        status.assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise ConversionError(
-            f"{prefix}: checkpoint does not match the backbone {model.get_config()}: {e}") from e
-    return status
 
 
 def _parse_args(argv):

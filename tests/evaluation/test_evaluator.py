@@ -9,7 +9,7 @@ import tensorflow as tf
 from official_maskrcnn.data import dataset_builder
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.modeling import factory
-from official_maskrcnn.train import dummy_training_inputs
+from official_maskrcnn.runtime import dummy_training_inputs
 from official_maskrcnn.training import distribution
 from tests import synthetic_records
 

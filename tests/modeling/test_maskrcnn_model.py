@@ -14,8 +14,7 @@ import tf_keras
 from absl.testing import parameterized
 
 from official_maskrcnn.modeling import factory, maskrcnn_model
-from official_maskrcnn.modeling.backbones import resnet
-from official_maskrcnn.tools import convert_r50_pkl
+from official_maskrcnn.modeling.backbones import checkpoint, resnet
 
 BATCH = 2
 IMAGE_SIDE = 128
@@ -248,7 +247,7 @@ class FactoryTest(tf.test.TestCase):
                                              backbone_checkpoint=prefix)
         restored = model.backbone.get_layer("conv1").kernel
         self.assertAllEqual(restored, tf.fill(kernel.shape, 0.125))
-        with self.assertRaises(convert_r50_pkl.ConversionError):
+        with self.assertRaises(checkpoint.BackboneWeightsError):
             factory.build_maskrcnn_model(num_classes=3, backbone_depth=34,
                                          backbone_checkpoint=prefix)
 

@@ -12,9 +12,10 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
+from official_maskrcnn.modeling.backbones.checkpoint import load_backbone_checkpoint
 from official_maskrcnn.modeling.backbones.resnet import ResNet
 from official_maskrcnn.tools import convert_keras_resnet50 as ck
-from official_maskrcnn.tools.convert_r50_pkl import ConversionError, load_backbone_checkpoint
+from official_maskrcnn.tools.convert_r50_pkl import ConversionError
 
 IMAGE_SIZE = 64
 # Our output level -> the Keras activation it must equal.

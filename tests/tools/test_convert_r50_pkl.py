@@ -12,6 +12,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from official_maskrcnn.modeling.backbones import checkpoint
 from official_maskrcnn.modeling.backbones.resnet import ResNet
 from official_maskrcnn.tools import convert_r50_pkl
 
@@ -131,7 +132,7 @@ class ConvertR50PklTest(tf.test.TestCase):
 
     def test_converted_backbone_matches_numpy_reference(self):
         model = ResNet(depth=50, norm="frozen_bn")
-        convert_r50_pkl.load_backbone_checkpoint(model, self.prefix)
+        checkpoint.load_backbone_checkpoint(model, self.prefix)
         # Odd feature sizes (72x104 -> 18x26 -> ... -> 3x4) exercise the symmetric padding.
         image = np.random.default_rng(1).uniform(-1.0, 1.0, [72, 104, 3]).astype(np.float32)
         outputs = model(image[None], training=False)
@@ -208,7 +209,7 @@ class ConvertR50PklTest(tf.test.TestCase):
     def test_load_into_mismatched_backbone_fails(self):
         model = ResNet(depth=50, norm="batch_norm")  # BN variables are not in the checkpoint
         with self.assertRaisesRegex(convert_r50_pkl.ConversionError, "does not match"):
-            convert_r50_pkl.load_backbone_checkpoint(model, self.prefix)
+            checkpoint.load_backbone_checkpoint(model, self.prefix)
 
     def test_non_frozen_bn_backbone_is_rejected(self):
         model = ResNet(depth=50, norm="group_norm")

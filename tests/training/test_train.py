@@ -17,8 +17,9 @@ import tempfile
 import gin
 import tensorflow as tf
 import tf_keras
+from absl.testing import flagsaver
 
-from official_maskrcnn import evaluate, train
+from official_maskrcnn import evaluate, runtime, train
 from official_maskrcnn.evaluation import coco_metrics
 from official_maskrcnn.training import mlperf_logger
 from official_maskrcnn.training import trainer as trainer_lib
@@ -84,7 +85,7 @@ class TrainEntryTest(tf.test.TestCase):
     def run_smoke(self, model_dir, *bindings, **kwargs):
         """Runs the smoke config in this process; returns (logs, stdout)."""
         gin.clear_config()
-        train.parse_gin([SMOKE], self.data_bindings + list(bindings))
+        runtime.parse_gin([SMOKE], self.data_bindings + list(bindings))
         stdout = io.StringIO()
         try:
             with contextlib.redirect_stdout(stdout):
@@ -185,13 +186,33 @@ class TrainEntryTest(tf.test.TestCase):
     def test_bad_configuration_is_a_clear_error(self):
         model_dir = self.create_tempdir().full_path
         with self.assertRaisesRegex(FileNotFoundError, "no_such.gin"):
-            train.parse_gin(["no_such.gin"], [])
+            runtime.parse_gin(["no_such.gin"], [])
         with self.assertRaisesRegex(ValueError, "precision"):
             self.run_smoke(model_dir, "run.precision = 'float64'")
         with self.assertRaisesRegex(ValueError, "strategy"):
             self.run_smoke(model_dir, "run.strategy = 'tpu'")
         with self.assertRaisesRegex(Exception, "matches no file"):
             self.run_smoke(model_dir, "train/DatasetBuilder.file_pattern = '/nonexistent/x-*'")
+
+    def test_entries_report_a_bad_backbone_checkpoint_in_one_line_with_exit_1(self):
+        model_dir = self.create_tempdir().full_path
+        missing = os.path.join(model_dir, "no_such_backbone")
+        binding = f"build_maskrcnn_model.backbone_checkpoint = '{missing}'"
+        # evaluate needs some checkpoint to get as far as building the model.
+        checkpoint = tf.train.Checkpoint(x=tf.Variable(1.0)).write(
+            os.path.join(model_dir, "ckpt-1"))
+        for entry in (train, evaluate):
+            gin.clear_config()
+            stderr = io.StringIO()
+            with flagsaver.flagsaver(gin_file=[SMOKE], gin_param=self.data_bindings + [binding],
+                                     model_dir=model_dir, checkpoint=checkpoint), \
+                    contextlib.redirect_stderr(stderr), \
+                    self.assertRaises(SystemExit) as raised:
+                entry.main([entry.__name__])
+            self.assertEqual(raised.exception.code, 1, entry.__name__)
+            self.assertRegex(stderr.getvalue(), f"^error: {re.escape(missing)}: checkpoint does "
+                                                f"not match the backbone")
+            self.assertNotIn("Traceback", stderr.getvalue())
 
 
 def free_port():

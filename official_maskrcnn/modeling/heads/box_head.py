@@ -21,7 +21,8 @@ cls_score normal(std=0.01), bbox_pred normal(std=0.001), biases 0.
 import tensorflow as tf
 import tf_keras
 
-NUM_CLASSES_COCO = 81  # 80 categories + background.
+from official_maskrcnn.modeling.coco_classes import NUM_CLASSES_COCO
+
 CLASS_INIT_STDDEV = 0.01
 BOX_INIT_STDDEV = 0.001
 

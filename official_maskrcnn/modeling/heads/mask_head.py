@@ -22,7 +22,7 @@ is likewise out channels for Conv2D and in channels for Conv2DTranspose.
 import tensorflow as tf
 import tf_keras
 
-NUM_CLASSES_COCO = 81  # 80 categories + background.
+from official_maskrcnn.modeling.coco_classes import NUM_CLASSES_COCO
 
 
 def msra_fill():

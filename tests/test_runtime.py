@@ -1,0 +1,91 @@
+"""The entry layer: run settings from gin, the strategy rule, checkpoint resolution and restore
+errors, and the one inference preprocessing (`EvalParser.preprocess_image`)."""
+
+import os
+
+import gin
+import numpy as np
+import tensorflow as tf
+
+from official_maskrcnn import runtime
+from official_maskrcnn.data import decoder, parsers
+from official_maskrcnn.modeling import factory
+from tests.data.test_preprocess_ops import make_record
+
+TINY = dict(num_classes=3, backbone_depth=18, backbone_norm="group_norm", freeze_at=0,
+            fpn_num_filters=8, box_head_mlp_dim=8, mask_head_num_convs=1,
+            mask_head_num_filters=8)
+
+
+class RunSettingsTest(tf.test.TestCase):
+
+    def tearDown(self):
+        gin.clear_config()
+        super().tearDown()
+
+    def test_gin_bindings_then_overrides(self):
+        gin.parse_config(["run.num_epochs = 3", "run.eval_batch_size = 4"])
+        settings = runtime.run_settings()
+        self.assertEqual(settings.num_epochs, 3)
+        self.assertEqual(settings.global_batch_size, 16)  # the default
+        self.assertEqual(settings.eval_global_batch_size, 4)
+        self.assertEqual(runtime.run_settings(num_epochs=7).num_epochs, 7)
+        self.assertEqual(runtime.run_settings(eval_batch_size=None).eval_global_batch_size, 16)
+
+    def test_bad_values_name_the_setting(self):
+        with self.assertRaisesRegex(ValueError, "run.precision: .* found 'float64'"):
+            runtime.run_settings(precision="float64")
+        with self.assertRaisesRegex(ValueError, "run.strategy: .* found 'tpu'"):
+            runtime.run_settings(strategy="tpu")
+
+    def test_mirrored_over_zero_gpus_is_the_default_strategy(self):
+        strategy = runtime.build_strategy(runtime.run_settings(strategy="mirrored", num_gpus=0))
+        self.assertIs(strategy, tf.distribute.get_strategy())
+        two = runtime.build_strategy(runtime.run_settings(strategy="mirrored"))
+        self.assertEqual(two.num_replicas_in_sync, 2)  # the two logical CPUs of conftest
+
+
+class CheckpointTest(tf.test.TestCase):
+
+    def test_resolve_a_prefix_or_the_newest_in_a_folder(self):
+        folder = self.create_tempdir().full_path
+        with self.assertRaisesRegex(runtime.CheckpointNotFoundError,
+                                    "no checkpoint in this folder"):
+            runtime.resolve_checkpoint(folder)
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(x=tf.Variable(1.0)), folder, 3)
+        first, second = manager.save(), manager.save()
+        self.assertEqual(runtime.resolve_checkpoint(folder), second)
+        self.assertEqual(runtime.resolve_checkpoint(first), first)
+        with self.assertRaisesRegex(runtime.CheckpointNotFoundError,
+                                    f"no such checkpoint .*{os.path.basename(first)}x.index"):
+            runtime.resolve_checkpoint(first + "x")
+
+    def test_restore_of_another_model_names_the_checkpoint(self):
+        model = factory.build_maskrcnn_model(**TINY)
+        model(runtime.dummy_training_inputs(), training=True)
+        prefix = tf.train.Checkpoint(model=model).save(
+            os.path.join(self.create_tempdir().full_path, "ckpt"))
+        runtime.restore_model_weights(model, prefix)  # its own checkpoint: fine
+        wider = factory.build_maskrcnn_model(**dict(TINY, fpn_num_filters=16))
+        wider(runtime.dummy_training_inputs(), training=True)
+        with self.assertRaisesRegex(runtime.CheckpointMismatchError,
+                                    f"{prefix} does not hold this config's model"):
+            runtime.restore_model_weights(wider, prefix)
+
+
+class InferencePreprocessingTest(tf.test.TestCase):
+
+    def test_records_and_decoded_images_get_the_same_inputs(self):
+        parser = parsers.EvalParser(min_size=64, max_size=96)
+        rng = np.random.default_rng(0)
+        for shape in ((50, 70, 3), (90, 40, 3)):  # landscape, portrait
+            image = rng.integers(0, 256, shape, dtype=np.uint8)
+            parsed = decoder.parse_example(tf.constant(make_record(image, [])))
+            from_record = parser(parsed)
+            direct = parser.preprocess_image(decoder.decode_image(parsed["encoded_image"]))
+            self.assertEqual(set(from_record) - set(direct), {"source_id", "is_valid"})
+            for key, value in direct.items():
+                self.assertAllEqual(value, from_record[key], msg=f"{shape} {key}")
+            self.assertAllEqual(direct["original_size"], shape[:2])
+            portrait = shape[0] >= shape[1]
+            self.assertEqual(direct["images"].shape[0] > direct["images"].shape[1], portrait)
