@@ -260,13 +260,12 @@ class Predictor:
 
     def preprocess(self, image):
         """[H, W, 3] uint8 RGB -> the eval parser's images [Hp, Wp, 3], image_size [2] (h, w),
-        scale [2] (h / H, w / W).
+        original_size [2] (H, W), scale [2] (h / H, w / W).
 
         `EvalParser.preprocess_image`, the eval records' own steps after their JPEG decode, on
         an image that may come from a PNG: channel order, normalise + resize, pad.
         """
-        inputs = self.parser.preprocess_image(image)
-        return {key: inputs[key] for key in ("images", "image_size", "scale")}
+        return self.parser.preprocess_image(image)
 
     def __call__(self, image):
         """[H, W, 3] uint8 -> dict of numpy arrays for one image (batch of 1): the model's
@@ -275,7 +274,7 @@ class Predictor:
         outputs = self.infer({"images": inputs["images"][None],
                               "image_size": inputs["image_size"][None]})
         outputs = {key: value.numpy() for key, value in outputs.items()}
-        outputs["original_size"] = np.array([image.shape[:2]], np.int32)
+        outputs["original_size"] = inputs["original_size"].numpy()[None]
         outputs["scale"] = inputs["scale"].numpy()[None]
         return outputs
 
