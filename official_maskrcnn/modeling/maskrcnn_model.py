@@ -23,7 +23,7 @@ import tensorflow as tf
 import tf_keras
 
 from official_maskrcnn.modeling import losses as losses_lib
-from official_maskrcnn.modeling.coco_classes import NUM_CLASSES_COCO
+from official_maskrcnn.modeling import model_settings
 from official_maskrcnn.ops import anchors as anchors_lib
 from official_maskrcnn.ops import box_ops, mask_targets, nms, proposals, roi_align, roi_targets
 from official_maskrcnn.ops import rpn_targets as rpn_targets_lib
@@ -39,29 +39,15 @@ ROI_SEED_XOR = (0x2545F491, 0x9E3779B9)
 
 
 class MaskRCNNModel(tf_keras.Model):
-    """Mask R-CNN with FPN; the sub-layers are injected, the settings are plain Python values.
+    """Mask R-CNN with FPN; the sub-layers are injected, the settings are one `ModelSettings`.
 
-    get_config returns the settings only: the injected parts are not serialised with the model
-    (rebuild it with `official_maskrcnn.modeling.factory.build_maskrcnn_model`); weights are saved
-    and restored through checkpoints.
+    get_config returns the flat settings (`ModelSettings.flat`) and each part's Keras config;
+    `from_config` rebuilds the parts from those. Weights are saved and restored through
+    checkpoints.
     """
 
-    def __init__(self, backbone, decoder, rpn_head, box_head, mask_head,
-                 num_classes=NUM_CLASSES_COCO, anchor_sizes=anchors_lib.FPN_ANCHOR_SIZES,
-                 aspect_ratios=anchors_lib.ASPECT_RATIOS,
-                 rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
-                 rpn_fg_iou_threshold=0.7, rpn_bg_iou_threshold=0.3, rpn_straddle_thresh=0,
-                 rpn_nms_threshold=proposals.RPN_NMS_THRESHOLD,
-                 rpn_pre_nms_top_n_train=proposals.PRE_NMS_TOP_N_TRAIN,
-                 rpn_post_nms_top_n_train=proposals.POST_NMS_TOP_N_TRAIN_PER_IMAGE,
-                 rpn_pre_nms_top_n_eval=proposals.PRE_NMS_TOP_N_EVAL,
-                 rpn_post_nms_top_n_eval=proposals.POST_NMS_TOP_N_EVAL,
-                 rpn_post_nms_per_image=True,
-                 roi_num_samples=512, roi_fg_fraction=0.25, roi_fg_iou_threshold=0.5,
-                 roi_bg_iou_threshold=0.5, box_roi_size=7, mask_roi_size=14, sampling_ratio=2,
-                 detection_score_threshold=nms.INFERENCE_SCORE_THRESHOLD,
-                 detection_iou_threshold=nms.INFERENCE_IOU_THRESHOLD,
-                 max_detections=nms.INFERENCE_MAX_DETECTIONS, mask_size=28, **kwargs):
+    def __init__(self, backbone, decoder, rpn_head, box_head, mask_head, settings=None,
+                 **kwargs):
         """Creates the model.
 
         Args:
@@ -72,60 +58,31 @@ class MaskRCNNModel(tf_keras.Model):
           box_head: layer, [B, R, 7, 7, F] -> {"class_logits": [B, R, K],
             "box_deltas": [B, R, K, 4]}.
           mask_head: layer, [B, R, 14, 14, F] -> [B, R, Q, Q, K] logits.
-          num_classes: K, including background.
-          anchor_sizes: one anchor size per RPN level (strides 4..64).
-          aspect_ratios: anchor height / width ratios.
-          rpn_*: RPN sampling (anchors per image, positive fraction, IoU thresholds, border
-            straddle) and proposal settings (NMS IoU, pre/post-NMS top-n for train and eval,
-            post-NMS top-n per image or per batch).
-          roi_*: ROI sampling (ROIs per image, foreground fraction, IoU thresholds).
-          box_roi_size, mask_roi_size, sampling_ratio: ROIAlign settings (7, 14, 2).
-          detection_score_threshold, detection_iou_threshold, max_detections: inference
-            post-processing (0.05, 0.5, 100).
-          mask_size: Q, side of the mask head's output (28).
+          settings: a `model_settings.ModelSettings` (None: the reference's); the heads must
+            agree with its num_classes and anchors (the factory builds them so).
           **kwargs: tf_keras.Model arguments (name, ...).
         """
-        if mask_size != 2 * mask_roi_size:
-            raise ValueError(f"MaskRCNNModel: the mask head upsamples its ROI features by 2, so "
-                             f"mask_size must be 2 * mask_roi_size = {2 * mask_roi_size}, found "
-                             f"{mask_size}.")
         super().__init__(**kwargs)
         self.backbone = backbone
         self.decoder = decoder
         self.rpn_head = rpn_head
         self.box_head = box_head
         self.mask_head = mask_head
-        self._settings = dict(
-            num_classes=num_classes, anchor_sizes=tuple(anchor_sizes),
-            aspect_ratios=tuple(aspect_ratios),
-            rpn_batch_size_per_image=rpn_batch_size_per_image,
-            rpn_positive_fraction=rpn_positive_fraction,
-            rpn_fg_iou_threshold=rpn_fg_iou_threshold, rpn_bg_iou_threshold=rpn_bg_iou_threshold,
-            rpn_straddle_thresh=rpn_straddle_thresh, rpn_nms_threshold=rpn_nms_threshold,
-            rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-            rpn_pre_nms_top_n_eval=rpn_pre_nms_top_n_eval,
-            rpn_post_nms_top_n_eval=rpn_post_nms_top_n_eval,
-            rpn_post_nms_per_image=rpn_post_nms_per_image,
-            roi_num_samples=roi_num_samples, roi_fg_fraction=roi_fg_fraction,
-            roi_fg_iou_threshold=roi_fg_iou_threshold, roi_bg_iou_threshold=roi_bg_iou_threshold,
-            box_roi_size=box_roi_size, mask_roi_size=mask_roi_size,
-            sampling_ratio=sampling_ratio, detection_score_threshold=detection_score_threshold,
-            detection_iou_threshold=detection_iou_threshold, max_detections=max_detections,
-            mask_size=mask_size)
+        self.settings = settings or model_settings.ModelSettings()
         self._box_coder = box_ops.BoxCoder(box_ops.HEAD_BOX_CODER_WEIGHTS)
 
     def get_config(self):
         """The plain settings plus each injected part serialised by Keras (its own config)."""
         parts = {part: tf_keras.layers.serialize(getattr(self, part)) for part in PARTS}
-        return {"name": self.name, **self._settings, **parts}
+        return {"name": self.name, **self.settings.flat(), **parts}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         parts = {part: tf_keras.layers.deserialize(config.pop(part), custom_objects=custom_objects)
                  for part in PARTS}
-        return cls(**parts, **config)
+        name = config.pop("name", None)
+        return cls(**parts, settings=model_settings.ModelSettings.from_flat(**config), name=name)
 
     # ---------------------------------------------------------------- shared pieces
 
@@ -141,19 +98,17 @@ class MaskRCNNModel(tf_keras.Model):
                              f"[B, H, W, 3], found {images.shape}.")
         strides = tuple(2**int(level) for level in RPN_LEVELS)
         return anchors_lib.multilevel_anchors(height, width, strides=strides,
-                                              sizes=self._settings["anchor_sizes"],
-                                              aspect_ratios=self._settings["aspect_ratios"])
+                                              sizes=self.settings.anchors.sizes,
+                                              aspect_ratios=self.settings.anchors.aspect_ratios)
 
     def _proposals(self, rpn_outputs, anchors, image_size, training):
         """RPN outputs -> proposals [B, P, 4] float32 and proposal_valid [B, P] bool."""
-        s = self._settings
-        mode = "train" if training else "eval"
+        rpn = self.settings.rpn
+        pre_nms_top_n, post_nms_top_n, per_image = rpn.top_n(training)
         result = proposals.generate_proposals(
             rpn_outputs["objectness_logits"], rpn_outputs["box_deltas"], anchors, image_size,
-            pre_nms_top_n=s[f"rpn_pre_nms_top_n_{mode}"],
-            post_nms_top_n=s[f"rpn_post_nms_top_n_{mode}"],
-            nms_threshold=s["rpn_nms_threshold"],
-            per_image=s["rpn_post_nms_per_image"] or not training)
+            pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
+            nms_threshold=rpn.nms_threshold, per_image=per_image)
         return (tf.stop_gradient(result["proposal_boxes"]),
                 tf.stop_gradient(result["proposal_valid"]))
 
@@ -161,7 +116,7 @@ class MaskRCNNModel(tf_keras.Model):
         """ROIAlign of boxes [B, R, 4] on P2..P5 -> [B, R, output_size, output_size, F]."""
         return roi_align.multilevel_roi_align(
             {level: features[level] for level in ROI_LEVELS}, tf.stop_gradient(boxes),
-            output_size, self._settings["sampling_ratio"])
+            output_size, self.settings.roi.sampling_ratio)
 
     def call(self, inputs, training=None):
         """Losses (training) or detections (inference); see the module docstring.
@@ -189,7 +144,7 @@ class MaskRCNNModel(tf_keras.Model):
     # ---------------------------------------------------------------- training
 
     def _train_losses(self, inputs):
-        s = self._settings
+        rpn, roi = self.settings.rpn, self.settings.roi
         images = inputs["images"]
         image_size = inputs["image_size"]
         gt_boxes = tf.cast(inputs["gt_boxes"], tf.float32)  # [B, I, 4]
@@ -207,9 +162,9 @@ class MaskRCNNModel(tf_keras.Model):
         anchors = self._anchors(images)
         targets = rpn_targets_lib.rpn_targets(
             tf.concat([anchors[level] for level in RPN_LEVELS], axis=0), gt_boxes, gt_classes,
-            image_size, rpn_seed, batch_size_per_image=s["rpn_batch_size_per_image"],
-            positive_fraction=s["rpn_positive_fraction"], high=s["rpn_fg_iou_threshold"],
-            low=s["rpn_bg_iou_threshold"], straddle_thresh=s["rpn_straddle_thresh"])
+            image_size, rpn_seed, batch_size_per_image=rpn.batch_size_per_image,
+            positive_fraction=rpn.positive_fraction, high=rpn.fg_iou_threshold,
+            low=rpn.bg_iou_threshold, straddle_thresh=rpn.straddle_thresh)
         losses = losses_lib.rpn_losses(
             tf.concat([rpn_outputs["objectness_logits"][level] for level in RPN_LEVELS], axis=1),
             tf.concat([rpn_outputs["box_deltas"][level] for level in RPN_LEVELS], axis=1),
@@ -217,11 +172,10 @@ class MaskRCNNModel(tf_keras.Model):
 
         boxes, valid = self._proposals(rpn_outputs, anchors, image_size, training=True)
         rois = roi_targets.sample_rois(
-            boxes, valid, gt_boxes, gt_classes, roi_seed, num_samples=s["roi_num_samples"],
-            fg_fraction=s["roi_fg_fraction"], fg_iou_threshold=s["roi_fg_iou_threshold"],
-            bg_iou_threshold=s["roi_bg_iou_threshold"])
-        box_outputs = self.box_head(
-            self._roi_features(features, rois["rois"], s["box_roi_size"]))
+            boxes, valid, gt_boxes, gt_classes, roi_seed, num_samples=roi.num_samples,
+            fg_fraction=roi.fg_fraction, fg_iou_threshold=roi.fg_iou_threshold,
+            bg_iou_threshold=roi.bg_iou_threshold)
+        box_outputs = self.box_head(self._roi_features(features, rois["rois"], roi.box_roi_size))
         losses.update(losses_lib.box_head_losses(
             box_outputs["class_logits"], box_outputs["box_deltas"], rois["class_targets"],
             rois["box_targets"], rois["roi_valid"]))
@@ -233,9 +187,8 @@ class MaskRCNNModel(tf_keras.Model):
 
     def _mask_loss(self, features, rois, gt_masks, gt_boxes):
         """Mask loss on the foreground ROIs, compacted into F = int(S * fg_fraction) slots."""
-        s = self._settings
-        num_slots = min(int(s["roi_num_samples"] * s["roi_fg_fraction"]), s["roi_num_samples"])
-        num_slots = max(num_slots, 1)
+        roi = self.settings.roi
+        num_slots = roi.num_mask_slots
         foreground = rois["foreground"]  # [B, S]
         # top_k is stable: the foreground slots first, in ROI order. sample_rois samples at most
         # int(S * fg_fraction) foreground ROIs, so none is dropped.
@@ -245,15 +198,16 @@ class MaskRCNNModel(tf_keras.Model):
         fg_classes = tf.gather(rois["class_targets"], index, batch_dims=1)  # [B, F]
         fg_matched = tf.gather(rois["matched_gt"], index, batch_dims=1)  # [B, F]
         mask_logits = self.mask_head(
-            self._roi_features(features, fg_rois, s["mask_roi_size"]))  # [B, F, Q, Q, K]
-        targets = mask_targets.mask_targets(gt_masks, gt_boxes, fg_rois, fg_matched,
-                                            output_size=s["mask_size"])  # [B, F, Q, Q]
+            self._roi_features(features, fg_rois, roi.mask_roi_size))  # [B, F, Q, Q, K]
+        targets = mask_targets.mask_targets(
+            gt_masks, gt_boxes, fg_rois, fg_matched,
+            output_size=self.settings.detection.mask_size)  # [B, F, Q, Q]
         return losses_lib.mask_loss(mask_logits, targets, fg_classes, fg_valid)
 
     # ---------------------------------------------------------------- inference
 
     def _detections(self, inputs):
-        s = self._settings
+        roi, detection = self.settings.roi, self.settings.detection
         images = inputs["images"]
         image_size = tf.cast(inputs["image_size"], tf.float32)  # [B, 2]
         features = self._features(images, training=False)
@@ -261,20 +215,20 @@ class MaskRCNNModel(tf_keras.Model):
         boxes, valid = self._proposals(rpn_outputs, self._anchors(images), image_size,
                                        training=False)  # [B, P, 4], [B, P]
 
-        box_outputs = self.box_head(self._roi_features(features, boxes, s["box_roi_size"]))
+        box_outputs = self.box_head(self._roi_features(features, boxes, roi.box_roi_size))
         scores = tf.nn.softmax(box_outputs["class_logits"], axis=-1)  # [B, P, K]
         class_boxes = self._box_coder.decode(box_outputs["box_deltas"],
                                              boxes[:, :, None, :])  # [B, P, K, 4]
         class_boxes = box_ops.clip_boxes(class_boxes, image_size[:, None, :])
         detections = nms.batched_per_class_nms(
-            class_boxes, scores, score_threshold=s["detection_score_threshold"],
-            iou_threshold=s["detection_iou_threshold"], max_detections=s["max_detections"],
+            class_boxes, scores, score_threshold=detection.score_threshold,
+            iou_threshold=detection.iou_threshold, max_detections=detection.max_detections,
             valid=valid)
 
         detection_boxes = detections["detection_boxes"]  # [B, T, 4]
         classes = detections["detection_classes"]  # [B, T]
         mask_logits = self.mask_head(
-            self._roi_features(features, detection_boxes, s["mask_roi_size"]))  # [B, T, Q, Q, K]
+            self._roi_features(features, detection_boxes, roi.mask_roi_size))  # [B, T, Q, Q, K]
         own_logits = tf.gather(tf.transpose(mask_logits, [0, 1, 4, 2, 3]), classes, axis=2,
                                batch_dims=2)  # [B, T, Q, Q]
         masks = tf.where(detections["detection_valid"][:, :, None, None],
