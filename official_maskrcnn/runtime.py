@@ -14,7 +14,7 @@ import tf_keras
 from absl import flags
 
 from official_maskrcnn.data import dataset_builder
-from official_maskrcnn.evaluation import callback as callback_lib
+from official_maskrcnn.evaluation import coco_eval_callback
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.modeling import factory
 from official_maskrcnn.modeling.backbones.checkpoint import BackboneWeightsError
@@ -85,8 +85,8 @@ class RunSettings:
     eval_interval: int = 1
     eval_async: bool = False
     eval_processes: int = 1
-    box_target: float = callback_lib.BOX_TARGET
-    mask_target: float = callback_lib.MASK_TARGET
+    box_target: float = coco_eval_callback.BOX_TARGET
+    mask_target: float = coco_eval_callback.MASK_TARGET
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -197,7 +197,7 @@ def build_eval_dataset(batch_size):
 
 def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream):
     """The per-epoch COCO evaluation of `settings` (its eval_* fields and targets)."""
-    return callback_lib.COCOEvalCallback(
+    return coco_eval_callback.COCOEvalCallback(
         evaluator_lib.Evaluator(strategy, model,
                                 build_eval_dataset(settings.eval_global_batch_size)),
         evaluator_lib.PostProcessor(settings.eval_annotations_file, settings.eval_processes),

@@ -8,8 +8,7 @@ import threading
 import tensorflow as tf
 import tf_keras
 
-from official_maskrcnn.evaluation import callback as callback_lib
-from official_maskrcnn.evaluation import coco_metrics
+from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics
 from official_maskrcnn.training import mlperf_logger
 
 
@@ -57,7 +56,7 @@ class CallbackTest(tf.test.TestCase):
     def callback(self, postprocessor, **kwargs):
         self.log_path = os.path.join(self.dir, "mlperf.log")
         self.mllog = mlperf_logger.MLPerfLogger(self.log_path)
-        callback = callback_lib.COCOEvalCallback(
+        callback = coco_eval_callback.COCOEvalCallback(
             FakeEvaluator(), postprocessor, mlperf=self.mllog,
             metrics_path=os.path.join(self.dir, "metrics.jsonl"), **kwargs)
         callback.set_model(self.model)
