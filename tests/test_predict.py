@@ -24,6 +24,9 @@ from pycocotools.coco import COCO
 
 from official_maskrcnn import predict, runtime
 from official_maskrcnn.data import dataset_builder, decoder
+from official_maskrcnn.inference import image_files
+from official_maskrcnn.inference import predictor as predictor_lib
+from official_maskrcnn.inference.image_files import PredictError
 from official_maskrcnn.training import optimizer as optimizer_lib
 from tfrecord_tools import conversion, make_synthetic_coco
 
@@ -151,14 +154,15 @@ class PredictTest(tf.test.TestCase):
                                             for i, p in zip(self.image_ids(), self.images)})
 
     def test_restored_model_gives_the_trained_models_detections(self):
-        predictor = predict.Predictor(self.model, predict.eval_preprocessing())
-        _, label_to_category = predict.class_maps(predict.load_label_map(self.annotations), 4)
+        predictor = predictor_lib.Predictor(self.model, predictor_lib.eval_preprocessing())
+        label_map = predictor_lib.load_label_map(self.annotations)
+        _, label_to_category = predictor_lib.class_maps(label_map, 4)
         expected = []
         for path, image_id in zip(self.images, self.image_ids()):
-            encoded, kind = predict.read_image_bytes(path)
-            outputs = predictor(predict.decode_image(encoded, kind))
-            detections = predict.image_detections(
-                outputs, predict.select_detections(outputs, 0.0, 100), image_id,
+            encoded, kind = image_files.read_image_bytes(path)
+            outputs = predictor(image_files.decode_image(encoded, kind))
+            detections = predictor_lib.image_detections(
+                outputs, predictor_lib.select_detections(outputs, 0.0, 100), image_id,
                 label_to_category)
             expected.extend(detections["results"])
             # The drawn masks are the pixels of the results' RLEs.
@@ -174,10 +178,10 @@ class PredictTest(tf.test.TestCase):
         self.assertEqual(predictor.infer.experimental_get_tracing_count(), 2)
 
     def test_preprocessing_equals_the_eval_parser(self):
-        parser = predict.eval_preprocessing()
+        parser = predictor_lib.eval_preprocessing()
         self.assertEqual((parser.min_size, parser.max_size, parser.pixel_mode),
                          (64, 96, "bgr_caffe"))  # the smoke config's unscoped bindings
-        predictor = predict.Predictor(self.model, parser)
+        predictor = predictor_lib.Predictor(self.model, parser)
         for path in self.images[:2]:
             with open(path, "rb") as f:
                 encoded = f.read()
@@ -189,7 +193,7 @@ class PredictTest(tf.test.TestCase):
                 self.assertAllEqual(ours[key], expected[key])
         with gin.unlock_config():
             gin.parse_config("eval/DatasetBuilder.min_size = 32")
-        self.assertEqual(predict.eval_preprocessing().min_size, 32)
+        self.assertEqual(predictor_lib.eval_preprocessing().min_size, 32)
 
     def test_max_detections_and_score_threshold_limit_the_count(self):
         output_dir = self.create_tempdir().full_path
@@ -220,55 +224,28 @@ class PredictTest(tf.test.TestCase):
         self.assertIn(f"{fake}: not a JPEG or PNG image", message)
         self.assertFalse(os.path.exists(output_dir))
 
-    def test_truncated_image_and_colliding_names_are_errors(self):
-        folder = self.create_tempdir().full_path
-        truncated = os.path.join(folder, "cut.jpg")
-        with open(self.images[0], "rb") as f, open(truncated, "wb") as out:
-            out.write(f.read()[:200])
-        with self.assertRaisesRegex(predict.PredictError, f"{truncated}: the JPEG data does not"):
-            predict.check_inputs([truncated], folder)
-        twin = os.path.join(folder, os.path.basename(self.images[2]))
-        shutil.copy(self.images[2], twin)
-        with self.assertRaisesRegex(predict.PredictError, "same file stem"):
-            predict.check_inputs([self.images[2], twin], folder)
-        with self.assertRaisesRegex(predict.PredictError, "would overwrite it"):
-            predict.check_inputs([twin], folder)
-        # RGBA and grayscale PNGs decode to RGB.
-        rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-        rgba = os.path.join(folder, "rgba.png")
-        Image.fromarray(np.dstack([rgb, np.full((5, 7), 9, np.uint8)])).save(rgba)
-        self.assertAllEqual(predict.decode_image(*predict.read_image_bytes(rgba)), rgb)
-        gray = os.path.join(folder, "gray.png")
-        Image.fromarray(rgb[..., 0]).save(gray)
-        self.assertAllEqual(predict.decode_image(*predict.read_image_bytes(gray)),
-                            np.repeat(rgb[..., :1], 3, axis=2))
-
     def test_checkpoint_errors(self):
         output_dir = self.create_tempdir().full_path
-        with self.assertRaisesRegex(predict.PredictError, "no such checkpoint"):
+        with self.assertRaisesRegex(PredictError, "no such checkpoint"):
             predict.predict(self.images, output_dir, os.path.join(self.tmp, "nope", "ckpt-3"))
-        with self.assertRaisesRegex(predict.PredictError, "no checkpoint in this folder"):
+        with self.assertRaisesRegex(PredictError, "no checkpoint in this folder"):
             predict.predict(self.images, output_dir, output_dir)
         other = tf.train.Checkpoint(model=tf_keras.layers.Dense(2))
         other.model.build([None, 3])
         prefix = other.save(os.path.join(output_dir, "other", "ckpt"))
-        with self.assertRaisesRegex(predict.PredictError, "does not hold this config's model"):
+        with self.assertRaisesRegex(PredictError, "does not hold this config's model"):
             predict.predict(self.images, output_dir, prefix)
 
-    def test_image_ids_are_coco_numbers_only_when_all_are(self):
-        self.assertEqual(predict.assign_image_ids(["a/000000000139.jpg", "b/7.png"]), [139, 7])
-        self.assertEqual(predict.assign_image_ids(["a/000000000139.jpg", "cat.jpg"]), [1, 2])
-        self.assertEqual(predict.assign_image_ids(["a/5.jpg", "b/005.png"]), [1, 2])
-
     def test_without_annotations_labels_are_names_and_category_ids(self):
-        names, categories = predict.class_maps(None, 4)
+        names, categories = predictor_lib.class_maps(None, 4)
         self.assertEqual(names, {1: "class 1", 2: "class 2", 3: "class 3"})
         self.assertEqual(categories, {1: 1, 2: 2, 3: 3})
-        names, categories = predict.class_maps(predict.load_label_map(self.annotations), 4)
+        label_map = predictor_lib.load_label_map(self.annotations)
+        names, categories = predictor_lib.class_maps(label_map, 4)
         self.assertEqual(names, {1: "rectangle", 2: "ellipse", 3: "triangle"})
         self.assertEqual(categories, {1: 3, 2: 7, 3: 11})
-        with self.assertRaisesRegex(predict.PredictError, "has 3 categories, but the model"):
-            predict.class_maps(predict.load_label_map(self.annotations), 81)
+        with self.assertRaisesRegex(PredictError, "has 3 categories, but the model"):
+            predictor_lib.class_maps(label_map, 81)
 
     def test_command_line_exit_code_and_message(self):
         missing = os.path.join(self.tmp, "missing.png")

@@ -1,0 +1,1 @@
+"""Inference outside training: image files in, detections in original pixels out."""
