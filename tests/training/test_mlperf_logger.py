@@ -13,8 +13,8 @@ import subprocess
 
 import tensorflow as tf
 
-from official_maskrcnn.training import mlperf_logger
-from official_maskrcnn.training.mlperf_logger import MLPerfLogger, check_compliance
+from official_maskrcnn.training.mlperf_compliance import check_compliance
+from official_maskrcnn.training.mlperf_logger import MLPerfLogger
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN_AND_TIME = os.path.join(REPO_ROOT, "run_and_time.sh")
@@ -122,33 +122,6 @@ class MLPerfLoggerComplianceTest(tf.test.TestCase):
         self.assertLen(result.failures, 1)
         self.assertEqual(result.failures[0].keys, {"epoch_start"})
         self.assertIn("'epoch_num' in v['metadata']", result.failures[0].text)
-
-
-class CheckerOutputParsingTest(tf.test.TestCase):
-    """parse_checker_output on a sample in the checker's own format (no subprocess)."""
-
-    def test_splits_messages_into_failures_and_warnings_with_their_keys(self):
-        separator = "\n" + "-" * 30 + "\n"
-        messages = [
-            "Required EXACTLY_ONE occurrence of 'seed_like' but found 2",
-            "Required EXACTLY_ONE occurrence of 'train_samples' but found 0",
-            "CHECK for 'run_stop' failed in line 4:\n:::MLLOG {\"key\": \"run_stop\"}\n"
-            "failed test: 'status' in v['metadata']",
-            "Failed checks for eval_accuracy : v['value']['BBOX'] >= 0.377",
-            "Required AT_LEAST_ONE occurrence of 'eval_start' or 'block_start'",
-            "Failed executing CHECK code:\nv['value'] > 0\ntriggered by line:\n"
-            ":::MLLOG {\"key\": \"global_batch_size\", \"value\": \"x\"}",
-        ]
-        output = ("INFO - Running compliance on file: x.log\n"
-                  "WARNING -  " + separator.join(messages) + "\nERROR - FAILED\n")
-
-        result = mlperf_logger.parse_checker_output(output, passed=False)
-
-        self.assertEqual([w.keys for w in result.warnings], [{"seed_like"}])
-        self.assertEqual([f.keys for f in result.failures], [
-            {"train_samples"}, {"run_stop"}, {"eval_accuracy"}, {"eval_start", "block_start"},
-            {"global_batch_size"}])
-        self.assertEqual(result.failures[1].text, messages[2])
 
 
 class MLPerfLoggerFileTest(tf.test.TestCase):
