@@ -31,18 +31,18 @@ one grey level lower per channel (0.96, 0.83, 0.91). Running these weights with 
 shifts every input pixel by that constant; small, but not bit-exact with Keras.
 """
 
-import argparse
 import os
 import re
 import sys
 
 import h5py
 import numpy as np
-import tensorflow as tf
 import tf_keras
 
+from official_maskrcnn.modeling.backbones import checkpoint
 from official_maskrcnn.modeling.layers.frozen_batch_norm import FrozenBatchNorm
-from official_maskrcnn.tools.convert_r50_pkl import ConversionError, build_r50
+from official_maskrcnn.tools import conversion_cli
+from official_maskrcnn.tools.convert_r50_pkl import ConversionError
 
 # Keras's BatchNormalization epsilon in applications.ResNet50 (the layers' own value is used).
 KERAS_BN_EPSILON = 1.001e-5
@@ -201,41 +201,30 @@ def convert(input_path, output_prefix):
     held) and "checkpoint" (the written path prefix).
     """
     keras_model, include_top = load_keras_resnet50(input_path)
-    model = build_r50()
+    model = checkpoint.build_reference_backbone()
     try:
         report = assign_keras_weights(model, keras_model)
     except ConversionError as e:
         raise ConversionError(f"{input_path}: {e}") from e
     report["include_top"] = include_top
-    directory = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(directory, exist_ok=True)
-    report["checkpoint"] = tf.train.Checkpoint(backbone=model).write(output_prefix)
+    report["checkpoint"] = checkpoint.write_backbone_checkpoint(model, output_prefix)
     return report
 
 
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description="Convert tf_keras.applications.ResNet50 ImageNet weights (.h5) to a TF "
-        "checkpoint of the ResNet-50 backbone (norm='frozen_bn').")
-    parser.add_argument("--input", required=True, help="ResNet50 weights .h5 (save_weights)")
-    parser.add_argument("--output", required=True, help="checkpoint prefix to write")
-    return parser.parse_args(argv)
-
-
 def main(argv=None):
-    args = _parse_args(argv)
-    try:
-        report = convert(args.input, args.output)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"converted {len(report['assigned'])} conv+BN pairs from ResNet50(include_top="
-          f"{report['include_top']}); ignored {len(report['unused'])} unused Keras layers"
-          + (f": {', '.join(report['unused'])}" if report["unused"] else ""))
-    print(f"wrote {report['checkpoint']}")
-    print(f"note: these weights expect Keras 'caffe' pixels (BGR, 0..255, minus "
-          f"{KERAS_CAFFE_BGR_MEAN})")
-    return 0
+    return conversion_cli.main(
+        argv, description="Convert tf_keras.applications.ResNet50 ImageNet weights (.h5) to a "
+        "TF checkpoint of the ResNet-50 backbone (norm='frozen_bn').",
+        input_help="ResNet50 weights .h5 (save_weights)", convert=convert, summary=_summary)
+
+
+def _summary(report):
+    unused = f": {', '.join(report['unused'])}" if report["unused"] else ""
+    return [f"converted {len(report['assigned'])} conv+BN pairs from ResNet50(include_top="
+            f"{report['include_top']}); ignored {len(report['unused'])} unused Keras "
+            f"layers{unused}",
+            f"note: these weights expect Keras 'caffe' pixels (BGR, 0..255, minus "
+            f"{KERAS_CAFFE_BGR_MEAN})"]
 
 
 if __name__ == "__main__":

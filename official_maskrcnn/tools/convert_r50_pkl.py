@@ -14,18 +14,16 @@ The pickle (Python 2, read with latin1) is a dict of numpy blobs, possibly neste
 A blob missing for any variable, or of the wrong shape, is an error that names it.
 """
 
-import argparse
-import os
 import pickle
 import sys
 
 import numpy as np
-import tensorflow as tf
 import tf_keras
 
-from official_maskrcnn.modeling.backbones.checkpoint import BUILD_IMAGE_SIZE, BackboneWeightsError
-from official_maskrcnn.modeling.backbones.resnet import ResNet
+from official_maskrcnn.modeling.backbones import checkpoint
+from official_maskrcnn.modeling.backbones.checkpoint import BackboneWeightsError
 from official_maskrcnn.modeling.layers.frozen_batch_norm import FrozenBatchNorm
+from official_maskrcnn.tools import conversion_cli
 
 MOMENTUM_SUFFIX = "_momentum"
 # The pickle cannot be converted (unreadable, wrong structure, missing or misshapen blobs): the
@@ -123,50 +121,29 @@ def assign_blobs(model, blobs):
     }
 
 
-def build_r50():
-    """The reference backbone, built: ResNet(depth=50, norm="frozen_bn")."""
-    model = ResNet(depth=50, norm="frozen_bn")
-    model(tf.zeros([1, BUILD_IMAGE_SIZE, BUILD_IMAGE_SIZE, 3]))
-    return model
-
-
 def convert(input_path, output_prefix):
     """Reads `input_path`, fills a ResNet-50 and writes its checkpoint at `output_prefix`.
 
     Returns the `assign_blobs` report plus "checkpoint": the written path prefix.
     """
     blobs = load_detectron_pickle(input_path)
-    model = build_r50()
+    model = checkpoint.build_reference_backbone()
     try:
         report = assign_blobs(model, blobs)
     except ConversionError as e:
         raise ConversionError(f"{input_path}: {e}") from e
-    directory = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(directory, exist_ok=True)
-    report["checkpoint"] = tf.train.Checkpoint(backbone=model).write(output_prefix)
+    report["checkpoint"] = checkpoint.write_backbone_checkpoint(model, output_prefix)
     return report
 
 
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description="Convert Detectron's ImageNet R-50.pkl to a TF checkpoint of the backbone.")
-    parser.add_argument("--input", required=True, help="path of Detectron's R-50.pkl")
-    parser.add_argument("--output", required=True, help="checkpoint prefix to write")
-    return parser.parse_args(argv)
-
-
 def main(argv=None):
-    args = _parse_args(argv)
-    try:
-        report = convert(args.input, args.output)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"assigned {len(report['assigned'])} blobs; ignored {len(report['momentum'])} "
-          f"*{MOMENTUM_SUFFIX} blobs and {len(report['unused'])} unused blobs"
-          + (f": {', '.join(report['unused'])}" if report["unused"] else ""))
-    print(f"wrote {report['checkpoint']}")
-    return 0
+    return conversion_cli.main(
+        argv, description="Convert Detectron's ImageNet R-50.pkl to a TF checkpoint of the "
+        "backbone.", input_help="path of Detectron's R-50.pkl", convert=convert,
+        summary=lambda report: [
+            f"assigned {len(report['assigned'])} blobs; ignored {len(report['momentum'])} "
+            f"*{MOMENTUM_SUFFIX} blobs and {len(report['unused'])} unused blobs"
+            + (f": {', '.join(report['unused'])}" if report["unused"] else "")])
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ class ConvertR50PklTest(tf.test.TestCase):
         blobs = dict(self.blobs)
         del blobs["res4_2_branch2b_bn_s"]
         del blobs["res3_0_branch1_w"]
-        model = convert_r50_pkl.build_r50()
+        model = checkpoint.build_reference_backbone()
         with self.assertRaisesRegex(convert_r50_pkl.ConversionError, "2 blob.*missing") as cm:
             convert_r50_pkl.assign_blobs(model, blobs)
         self.assertIn("res4_2_branch2b_bn_s", str(cm.exception))
@@ -167,7 +167,7 @@ class ConvertR50PklTest(tf.test.TestCase):
         blobs = dict(self.blobs)
         # Transposed (a [in, out, ...] layout) stride-2 first 1x1 of res3.
         blobs["res3_0_branch2a_w"] = np.zeros([256, 128, 1, 1], np.float32)
-        model = convert_r50_pkl.build_r50()
+        model = checkpoint.build_reference_backbone()
         before = model.get_weights()
         with self.assertRaisesRegex(
                 convert_r50_pkl.ConversionError,
@@ -180,7 +180,7 @@ class ConvertR50PklTest(tf.test.TestCase):
         blobs = dict(self.blobs)
         blobs["conv1_w"] = np.zeros([64, 3, 7], np.float32)
         with self.assertRaisesRegex(convert_r50_pkl.ConversionError, "conv1_w.*4-d"):
-            convert_r50_pkl.assign_blobs(convert_r50_pkl.build_r50(), blobs)
+            convert_r50_pkl.assign_blobs(checkpoint.build_reference_backbone(), blobs)
 
     def test_unreadable_and_wrong_files(self):
         tmp = self.create_tempdir().full_path

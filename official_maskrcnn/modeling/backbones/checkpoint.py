@@ -7,7 +7,11 @@ checks that every variable of the backbone was found with its shape, so a checkp
 depth or norm fails here, naming the file, instead of training from half-initialised weights.
 """
 
+import os
+
 import tensorflow as tf
+
+from official_maskrcnn.modeling.backbones.resnet import ResNet
 
 # An input size that builds every variable of a ResNet (any size works; small is fast).
 BUILD_IMAGE_SIZE = 64
@@ -15,6 +19,20 @@ BUILD_IMAGE_SIZE = 64
 
 class BackboneWeightsError(ValueError):
     """Backbone weights that cannot be converted or restored; the message names the file."""
+
+
+def build_reference_backbone():
+    """The reference backbone with its variables: ResNet(depth=50, norm="frozen_bn")."""
+    backbone = ResNet(depth=50, norm="frozen_bn")
+    backbone(tf.zeros([1, BUILD_IMAGE_SIZE, BUILD_IMAGE_SIZE, 3]))
+    return backbone
+
+
+def write_backbone_checkpoint(backbone, prefix):
+    """Writes `backbone` as the checkpoint `load_backbone_checkpoint` reads (folders created);
+    returns the written prefix."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    return tf.train.Checkpoint(backbone=backbone).write(prefix)
 
 
 def load_backbone_checkpoint(backbone, prefix):
