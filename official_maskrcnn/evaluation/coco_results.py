@@ -20,10 +20,10 @@ import multiprocessing
 import numpy as np
 from pycocotools import mask as mask_util
 
+from official_maskrcnn.ops.conventions import TO_REMOVE
 from tfrecord_tools import coco_index
 
 MASK_PADDING = 1  # pixels of zeros around the M x M mask before resizing (reference: padding=1)
-LEGACY_PLUS_ONE = 1  # the reference's TO_REMOVE: a box [x0, x1] covers x1 - x0 + 1 pixels
 BACKGROUND_LABEL = 0  # detection_classes value of padding / invalid slots
 
 
@@ -91,8 +91,8 @@ def _pasted_crops(masks, boxes_xyxy, image_height, image_width, threshold):
     padded[:, MASK_PADDING:-MASK_PADDING, MASK_PADDING:-MASK_PADDING] = masks
     int_boxes = expanded_int_boxes(boxes_xyxy, mask_size)
     for t, (x0, y0, x1, y1) in enumerate(int_boxes.tolist()):
-        box_w = max(x1 - x0 + LEGACY_PLUS_ONE, 1)
-        box_h = max(y1 - y0 + LEGACY_PLUS_ONE, 1)
+        box_w = max(x1 - x0 + TO_REMOVE, 1)
+        box_h = max(y1 - y0 + TO_REMOVE, 1)
         cx0, cx1 = max(x0, 0), min(x1 + 1, image_width)
         cy0, cy1 = max(y0, 0), min(y1 + 1, image_height)
         if cx0 >= cx1 or cy0 >= cy1:
@@ -235,7 +235,7 @@ def _image_results(outputs, index, label_to_category, mask_threshold, include_ma
     boxes_xyxy = original_boxes_xyxy(outputs["detection_boxes"][index][keep],
                                      outputs["scale"][index])
     coco_boxes_xywh = np.concatenate(
-        [boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2] + LEGACY_PLUS_ONE], axis=1)
+        [boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2] + TO_REMOVE], axis=1)
     scores = np.asarray(outputs["detection_scores"][index][keep], np.float32)
     results = [{"image_id": image_id, "category_id": int(label_to_category[label]),
                 "bbox": [float(v) for v in box], "score": float(score)}

@@ -14,8 +14,8 @@ import math
 
 import tensorflow as tf
 
-# The reference's "+1": a box [x1, x2] covers x2 - x1 + 1 pixels.
-TO_REMOVE = 1.0
+from official_maskrcnn.ops.conventions import TO_REMOVE
+
 # maskrcnn-benchmark's default bbox_xform_clip: no predicted side grows beyond 1000 / 16 times.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 RPN_BOX_CODER_WEIGHTS = (1.0, 1.0, 1.0, 1.0)

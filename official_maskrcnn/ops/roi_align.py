@@ -24,12 +24,12 @@ the reference's inclusive-corner convention `BoxList.area()`: (xmax - xmin + 1) 
 
 import tensorflow as tf
 
+from official_maskrcnn.ops.conventions import TO_REMOVE
+
 # LevelMapper defaults of the reference: a 224 x 224 ROI (the ImageNet crop) maps to level 4.
 CANONICAL_SCALE = 224.0
 CANONICAL_LEVEL = 4
 LEVEL_EPS = 1e-6
-# BoxList.area() adds one pixel per side ("TO_REMOVE = 1"): corners are inclusive pixel indices.
-AREA_PLUS_ONE = 1.0
 # Samples further than this outside the map (in feature cells) contribute zero, as in the kernel.
 OUT_OF_MAP_MARGIN = 1.0
 
@@ -73,7 +73,7 @@ def assign_fpn_levels(boxes, min_level=2, max_level=5):
     """
     boxes = tf.cast(boxes, tf.float32)
     ymin, xmin, ymax, xmax = tf.unstack(boxes, axis=-1)
-    area = (xmax - xmin + AREA_PLUS_ONE) * (ymax - ymin + AREA_PLUS_ONE)
+    area = (xmax - xmin + TO_REMOVE) * (ymax - ymin + TO_REMOVE)
     # The reference never sees inverted boxes; clamping keeps sqrt away from NaN for padding.
     scale = tf.sqrt(tf.maximum(area, 0.0))
     log2 = tf.math.log(scale / CANONICAL_SCALE + LEVEL_EPS) / tf.math.log(2.0)

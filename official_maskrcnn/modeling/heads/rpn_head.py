@@ -22,7 +22,9 @@ biases 0.
 import tensorflow as tf
 import tf_keras
 
-NUM_ANCHORS_PER_LOCATION = 3
+from official_maskrcnn.ops import anchors as anchors_lib
+
+NUM_ANCHORS_PER_LOCATION = len(anchors_lib.ASPECT_RATIOS)
 RPN_INIT_STDDEV = 0.01
 
 
