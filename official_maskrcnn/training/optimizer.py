@@ -99,6 +99,15 @@ class MomentumSGD(tf_keras.optimizers.Optimizer):
         self.bias_lr_factor = float(bias_lr_factor)
         self.bias_weight_decay = float(bias_weight_decay)
 
+    @property
+    def schedule(self):
+        """The `LearningRateSchedule` (or the constant rate) given at construction.
+
+        tf_keras's `learning_rate` property is not it: with a schedule, that returns the rate of
+        the *last* update.
+        """
+        return self._learning_rate
+
     def build(self, var_list):
         """Creates one momentum slot per variable and fixes each variable's group.
 
@@ -213,13 +222,9 @@ def build_optimizer(
 
 
 def learning_rate_schedule(optimizer):
-    """The schedule (or the constant rate) `optimizer` was built with.
-
-    Unwraps a `LossScaleOptimizer`. tf_keras's `optimizer.learning_rate` is not it: with a
-    schedule, that property returns the rate of the *last* update.
-    """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return inner._learning_rate  # pylint: disable=protected-access
+    """The schedule (or the constant rate) a `MomentumSGD` was built with; unwraps a
+    `LossScaleOptimizer`."""
+    return getattr(optimizer, "inner_optimizer", optimizer).schedule
 
 
 def next_learning_rate(optimizer):

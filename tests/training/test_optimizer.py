@@ -171,7 +171,7 @@ class MomentumSGDTest(MomentumSGDTestCase):
         self.assertEqual(config["weight_decay"], WEIGHT_DECAY)
         restored = optimizer_lib.MomentumSGD.from_config(config)
         self.assertEqual(restored.get_config(), config)
-        self.assertIsInstance(restored._learning_rate, schedule_lib.WarmupStepDecay)
+        self.assertIsInstance(restored.schedule, schedule_lib.WarmupStepDecay)
         # The base class's decoupled decay stays off: ours is the only one applied.
         self.assertIsNone(restored.weight_decay)
 
@@ -325,7 +325,7 @@ class BuildOptimizerTest(tf.test.TestCase):
 
     def test_rules_from_global_batch(self):
         optimizer = optimizer_lib.build_optimizer(32)
-        schedule = optimizer._learning_rate
+        schedule = optimizer.schedule
         self.assertIsInstance(optimizer, optimizer_lib.MomentumSGD)
         self.assertAllClose(schedule.base_learning_rate, 0.04)
         self.assertEqual(schedule.decay_steps, [30000, 40000])
@@ -344,11 +344,11 @@ class BuildOptimizerTest(tf.test.TestCase):
     def test_explicit_values_and_k(self):
         optimizer = optimizer_lib.build_optimizer(
             8, base_learning_rate=0.015, warmup_steps=0, decay_k=1)
-        schedule = optimizer._learning_rate
+        schedule = optimizer.schedule
         self.assertAllClose(schedule.base_learning_rate, 0.015)
         self.assertEqual(schedule.decay_steps, [132000, 176000])
         optimizer = optimizer_lib.build_optimizer(8, decay_steps=(10, 20))
-        self.assertEqual(optimizer._learning_rate.decay_steps, [10, 20])
+        self.assertEqual(optimizer.schedule.decay_steps, [10, 20])
 
 
 if __name__ == "__main__":
