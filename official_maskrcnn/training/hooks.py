@@ -1,8 +1,7 @@
 """What the training loop does around its steps: checkpoints, MLPerf epoch events, preemption.
 
 Each hook is built by the caller and handed to `trainer.Trainer(hooks=[...])`, which calls them
-in the order given (`trainer.Hook` says when each method runs). The order that reproduces the
-reference run (and `train.py` uses):
+in the order given (`trainer.Hook` says when each method runs). `train.py` uses
   [MLPerfEpochHook, PreemptionHook, CheckpointHook]
 so that at an epoch's end `epoch_stop` is logged before the epoch-end checkpoint is written, and
 at a host-call boundary a stop request is served (one checkpoint, then `Preempted`) before the
