@@ -29,7 +29,9 @@ from official_maskrcnn import runtime
 from official_maskrcnn.data import dataset_builder, preprocess_ops
 from official_maskrcnn.modeling import summary
 from official_maskrcnn.training import callbacks as callbacks_lib
-from official_maskrcnn.training import checkpointing, distribution, mlperf_logger
+from official_maskrcnn.training import checkpointing, distribution
+from official_maskrcnn.training import hooks as hooks_lib
+from official_maskrcnn.training import mlperf_logger
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
 
@@ -71,26 +73,22 @@ def run(model_dir, settings=None, extra_callbacks=(), **overrides):
     context.mllog.run_start()
     # The clock runs from here: the dataset is touched only now (REFERENCE.md, rules).
     train_builder = _training_data(context)
-    steps_per_epoch = train_builder.steps_per_epoch(
-        context.num_workers, context.strategy.num_replicas_in_sync // context.num_workers)
+    loop = _loop_settings(context, train_builder)
     eval_callback = _eval_callback(context, model)
-    log_hyperparameters(context.mllog, optimizer, model, train_builder,
-                        eval_callback.evaluator.num_images if eval_callback else 0, context.seed)
-    if context.chief:
-        with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
-    callbacks = _callbacks(context, steps_per_epoch, eval_callback, extra_callbacks)
-    trainer = _trainer(context, model, optimizer, train_builder, steps_per_epoch, callbacks)
-    try:
+    try:  # from here on every way out, failures included, ends the post-processor's workers
+        log_hyperparameters(context.mllog, optimizer, model, train_builder,
+                            eval_callback.evaluator.num_images if eval_callback else 0,
+                            context.seed)
+        _write_operative_config(context)
+        callbacks = _callbacks(context, loop, eval_callback, extra_callbacks)
+        trainer = _trainer(context, model, optimizer, train_builder, loop, callbacks)
         logs = _train(context, trainer, train_builder)
     finally:
         if eval_callback:
             eval_callback.postprocessor.close()
-    print(f"final weights: step {int(trainer.step.numpy())}, fingerprint "
-          f"{trainer_lib.weights_fingerprint(model.variables)}, sum|w| "
-          f"{trainer_lib.weights_abs_sum(model.variables)!r}", flush=True)
-    # Success means the accuracy targets were reached.
-    context.mllog.run_stop(success=bool(eval_callback and eval_callback.targets_met))
+    _print_final_weights(trainer)
+    # MLPerf success: both accuracy targets reached, which only an evaluation can tell.
+    context.mllog.run_stop(success=eval_callback is not None and eval_callback.targets_met)
     context.mllog.close()
     return logs
 
@@ -142,6 +140,18 @@ def _training_data(context):
             seed=context.seed)
 
 
+def _loop_settings(context, train_builder):
+    """The Trainer's `LoopSettings`; an epoch is as many steps as every input pipeline has."""
+    settings = context.settings
+    replicas_per_worker = context.strategy.num_replicas_in_sync // context.num_workers
+    return trainer_lib.LoopSettings(
+        per_replica_batch_size=context.per_replica_batch_size,
+        steps_per_epoch=train_builder.steps_per_epoch(context.num_workers, replicas_per_worker),
+        num_epochs=settings.num_epochs, max_steps=settings.max_steps,
+        steps_per_loop=settings.steps_per_loop, jit_compile=settings.jit_compile,
+        seed=context.seed)
+
+
 def _eval_callback(context, model):
     """The per-epoch evaluation, or None without `run.eval_annotations_file`."""
     if not context.settings.eval_annotations_file:
@@ -152,10 +162,16 @@ def _eval_callback(context, model):
         stream=sys.stdout if context.chief else None)
 
 
-def _callbacks(context, steps_per_epoch, eval_callback, extra_callbacks):
-    settings = context.settings
-    total_steps = min(steps_per_epoch * settings.num_epochs, settings.max_steps or sys.maxsize)
-    callbacks = [callbacks_lib.ProgressLogger(total_steps, every=settings.print_every)]
+def _write_operative_config(context):
+    """Every setting the run used, as gin, into the model dir (by the chief)."""
+    if context.chief:
+        with tf.io.gfile.GFile(os.path.join(context.model_dir, "operative_config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+
+
+def _callbacks(context, loop, eval_callback, extra_callbacks):
+    callbacks = [callbacks_lib.ProgressLogger(loop.total_steps,
+                                              every=context.settings.print_every)]
     if eval_callback:
         callbacks.append(eval_callback)
     if context.chief:
@@ -163,31 +179,39 @@ def _callbacks(context, steps_per_epoch, eval_callback, extra_callbacks):
     return callbacks + list(extra_callbacks)
 
 
-def _trainer(context, model, optimizer, train_builder, steps_per_epoch, callbacks):
-    """The Trainer with its variables built and the newest readable checkpoint restored."""
+def _trainer(context, model, optimizer, train_builder, loop, callbacks):
+    """The Trainer with its hooks, its variables built and the newest readable checkpoint
+    restored."""
     settings, strategy = context.settings, context.strategy
     parser = train_builder.parser
     image_shapes = tuple(preprocess_ops.padded_image_size(
         parser.min_size, parser.max_size, parser.size_divisibility, portrait=p)
         for p in (False, True))
+    step = trainer_lib.create_step_variable(strategy)
+    checkpointer = checkpointing.Checkpointer(
+        context.model_dir, {"model": model, "optimizer": optimizer, "step": step},
+        max_to_keep=settings.max_checkpoints, is_chief=context.chief,
+        worker_id=context.worker_id)
     trainer = trainer_lib.Trainer(
         strategy, model, optimizer,
         train_data=lambda epoch, start: train_builder.distribute(strategy, epoch, start),
-        image_shapes=image_shapes, per_replica_batch_size=context.per_replica_batch_size,
-        steps_per_epoch=steps_per_epoch, num_epochs=settings.num_epochs,
-        max_steps=settings.max_steps, steps_per_loop=settings.steps_per_loop,
-        jit_compile=settings.jit_compile, seed=context.seed,
-        checkpoint_every_n_steps=settings.checkpoint_every_n_steps, callbacks=callbacks,
-        mlperf=context.mllog, num_workers=context.num_workers)
+        image_shapes=image_shapes, settings=loop, step=step, checkpointer=checkpointer,
+        hooks=_hooks(context, model, checkpointer), callbacks=callbacks)
     trainer.build()
-    trainer.checkpointer = checkpointing.Checkpointer(
-        context.model_dir, {"model": model, "optimizer": optimizer, "step": trainer.step},
-        max_to_keep=settings.max_checkpoints, is_chief=context.chief,
-        worker_id=context.worker_id)
-    restored = trainer.checkpointer.restore()
+    restored = checkpointer.restore()
     if restored:
         print(f"resumed from {restored} (step {int(trainer.step.numpy())})", flush=True)
     return trainer
+
+
+def _hooks(context, model, checkpointer):
+    """MLPerf epoch events, preemption and checkpoints, in the order `hooks` explains."""
+    checkpoints = hooks_lib.CheckpointHook(checkpointer, model,
+                                           context.settings.checkpoint_every_n_steps)
+    return [hooks_lib.MLPerfEpochHook(context.mllog),
+            hooks_lib.PreemptionHook(context.strategy, context.num_workers,
+                                     save=checkpoints.save),
+            checkpoints]
 
 
 def _train(context, trainer, train_builder):
@@ -205,6 +229,14 @@ def _train(context, trainer, train_builder):
         context.mllog.run_stop(success=False)
         context.mllog.close()
         raise
+
+
+def _print_final_weights(trainer):
+    """One line to compare runs by: the step and two summaries of the model's weights."""
+    variables = trainer.model.variables
+    print(f"final weights: step {int(trainer.step.numpy())}, fingerprint "
+          f"{trainer_lib.weights_fingerprint(variables)}, sum|w| "
+          f"{trainer_lib.weights_abs_sum(variables)!r}", flush=True)
 
 
 def num_image_candidates(model_config):

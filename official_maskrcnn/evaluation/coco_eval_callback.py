@@ -38,8 +38,8 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
       asynchronous: post-process in the background (see the module docstring).
       stream: where the stats tables are printed (None: not printed).
     Attributes:
-      targets_met: True once an evaluation met both targets.
       history: [(epoch_num, metrics)] in the order the results arrived.
+      targets_met: (read-only) whether a result in `history` met both targets.
     """
 
     def __init__(self, evaluator, postprocessor, mlperf=None, metrics_path=None, interval=1,
@@ -57,11 +57,19 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
         self.mask_target = mask_target
         self.asynchronous = asynchronous
         self.stream = stream
-        self.targets_met = False
         self.history = []
         self._pending = []  # (epoch_num, future, started, inference seconds)
         self._stall = {}  # epoch_num -> seconds training waited at that epoch's end
         self._step = 0
+
+    @property
+    def targets_met(self):
+        """Whether an evaluation logged so far met both targets (the run's MLPerf success)."""
+        return any(self._meets_targets(metrics) for _, metrics in self.history)
+
+    def _meets_targets(self, metrics):
+        return (metrics["bbox"]["AP"] >= self.box_target
+                and metrics["segm"]["AP"] >= self.mask_target)
 
     # --------------------------------------------------------------- Keras hooks
 
@@ -110,7 +118,8 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
         if self.mlperf:
             self.mlperf.eval_accuracy(epoch_num, bbox=box, segm=mask)
             self.mlperf.eval_stop(epoch_num)
-        met = box >= self.box_target and mask >= self.mask_target
+        met = self._meets_targets(metrics)
+        first_met = met and not self.targets_met
         record = {"epoch": epoch_num, "step_logged": int(self._step), "bbox": metrics["bbox"],
                   "segm": metrics["segm"], "targets_met": met,
                   "seconds": {"inference": inference_seconds,
@@ -128,7 +137,5 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
                   f"{seconds:.1f} s)\n{coco_metrics.format_stats_table(metrics)}",
                   file=self.stream, flush=True)
         logging.info("eval epoch %d: box AP %.4f mask AP %.4f", epoch_num, box, mask)
-        if met and not self.targets_met:
-            self.targets_met = True
-            if self.model is not None:
-                self.model.stop_training = True
+        if first_met and self.model is not None:
+            self.model.stop_training = True

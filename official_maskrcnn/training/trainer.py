@@ -24,11 +24,12 @@ inside the epoch = step % steps_per_epoch, so a resumed run asks the dataset for
 sampling seed of each step and replica is (seed, step * replicas + replica), also a function of
 the step only.
 
-Preemption: SIGTERM / SIGINT set a flag; at the end of the current host call the loop saves a
-checkpoint and raises `Preempted` (every worker agrees on stopping through an all-reduce).
+Hooks: the loop itself only runs steps and drives the Keras callbacks; what happens around the
+steps (checkpoints, the MLPerf epoch events, stopping on SIGTERM) is done by `Hook`s passed in
+already built (`training/hooks.py`), in the spirit of detectron2's `SimpleTrainer`.
 """
 
-import signal
+import dataclasses
 import time
 import zlib
 
@@ -49,13 +50,94 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Preempted(Exception):
-    """The run stopped on SIGTERM / SIGINT after saving a checkpoint; `signum` tells which."""
+    """The run stopped on SIGTERM / SIGINT after saving a checkpoint; `signum` tells which.
+
+    Raised out of `Trainer.train` by `hooks.PreemptionHook`.
+    """
 
     def __init__(self, signum, step, checkpoint):
         super().__init__(f"stopped by signal {signum} at step {step}; checkpoint {checkpoint}")
         self.signum = signum
         self.step = step
         self.checkpoint = checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """How many steps the loop runs and how.
+
+    Attributes:
+      per_replica_batch_size: images per replica and step.
+      steps_per_epoch: steps of one epoch (the same on every input pipeline), >= 1.
+      num_epochs: epochs to train (the run may stop earlier: max_steps, stop_training).
+      max_steps: optional cap on the global step (smoke runs, tests); None or 0: no cap.
+      steps_per_loop: steps per host call (values below 1 mean 1).
+      jit_compile: compile the forward/backward step with XLA.
+      seed: python int, the model's sampling seed (mixed with the step).
+    """
+
+    per_replica_batch_size: int
+    steps_per_epoch: int
+    num_epochs: int
+    max_steps: int = None
+    steps_per_loop: int = 10
+    jit_compile: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, found {self.steps_per_epoch} "
+                             "(fewer training images than one global batch?)")
+
+    @property
+    def total_steps(self):
+        """The global step at which training ends (unless stopped earlier)."""
+        total = self.steps_per_epoch * self.num_epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+
+def create_step_variable(strategy):
+    """The global step: an int64 scalar variable in `strategy`'s scope, 0 until restored.
+
+    Created before the Trainer so that the checkpointer that saves it can be built first and
+    handed to the hooks; the Trainer advances it by one per applied step.
+    """
+    with strategy.scope():
+        return tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+class Hook:
+    """Something the loop does at its events besides training; every method here does nothing.
+
+    Arguments are python ints: `epoch` is 0-based (as in Keras callbacks); `step` is the global
+    step when the event happens (steps done so far); `steps_run` the steps of the host call
+    that just ended; `epoch_end` the step at which the current epoch ends (the run's last step
+    when that comes first). Hooks run in the order given to the Trainer, at fixed places
+    relative to the Keras callbacks:
+      before_train     before callbacks.on_train_begin
+      before_epoch     before callbacks.on_epoch_begin
+      after_host_call  after callbacks.on_train_batch_end, before `model.stop_training` is read
+      after_epoch      before callbacks.on_epoch_end; also when stop_training ended the epoch
+                       early (then step < epoch_end)
+      after_train      last, also when `train` raises (only hooks whose before_train ran)
+    A hook may raise to end training (`PreemptionHook` raises `Preempted`).
+    """
+
+    def before_train(self):
+        pass
+
+    def before_epoch(self, epoch, step):
+        pass
+
+    def after_host_call(self, step, steps_run, epoch_end):
+        pass
+
+    def after_epoch(self, epoch, step, epoch_end):
+        pass
+
+    def after_train(self):
+        pass
 
 
 class Trainer:
@@ -68,59 +150,39 @@ class Trainer:
       train_data: callable (epoch, start_batch) -> the distributed dataset of that epoch,
         starting at its batch `start_batch` (e.g. `DatasetBuilder.distribute`).
       image_shapes: ((Hl, Wl), (Hp, Wp)) the static padded landscape and portrait shapes.
-      per_replica_batch_size: images per replica and step.
-      steps_per_epoch: steps of one epoch (the same on every input pipeline).
-      num_epochs: epochs to train (the run may stop earlier: max_steps, stop_training).
-      max_steps: optional cap on the global step (smoke runs, tests).
-      steps_per_loop: steps per host call.
-      jit_compile: compile the forward/backward step with XLA.
-      seed: python int, the model's sampling seed (mixed with the step).
-      checkpointer: optional `checkpointing.Checkpointer` of the model, optimizer and `step`.
-      checkpoint_every_n_steps: also save when the step passes a multiple of N, at the end of
-        that host call (0: only at epoch ends).
+      settings: `LoopSettings` (batch size, steps, compilation, seed).
+      step: the global step variable (`create_step_variable`); None: a new one. Give the one
+        the checkpointer saves, so that restoring it sets the loop's position.
+      checkpointer: optional `checkpointing.Checkpointer`, only read: `NonFiniteLossError` names
+        its newest checkpoint. When to save is the hooks' business (`hooks.CheckpointHook`).
+      hooks: `Hook`s (see there for when each method runs), called in this order.
       callbacks: tf_keras callbacks, driven through a `CallbackList`.
-      mlperf: optional `mlperf_logger.MLPerfLogger` (epoch_start / epoch_stop).
-      num_workers: processes in the cluster (stop requests are agreed on when > 1).
     """
 
-    def __init__(self, strategy, model, optimizer, train_data, image_shapes,
-                 per_replica_batch_size, steps_per_epoch, num_epochs, max_steps=None,
-                 steps_per_loop=10, jit_compile=True, seed=0, checkpointer=None,
-                 checkpoint_every_n_steps=0, callbacks=(), mlperf=None, num_workers=1):
-        if steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, found {steps_per_epoch} (fewer "
-                             "training images than one global batch?)")
+    def __init__(self, strategy, model, optimizer, train_data, image_shapes, settings, *,
+                 step=None, checkpointer=None, hooks=(), callbacks=()):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
         self.train_data = train_data
-        self.steps_per_epoch = steps_per_epoch
-        self.num_epochs = num_epochs
-        self.total_steps = steps_per_epoch * num_epochs
-        if max_steps:
-            self.total_steps = min(self.total_steps, max_steps)
-        self.steps_per_loop = max(1, steps_per_loop)
-        self.seed = seed
-        self.checkpointer = checkpointer
-        self.checkpoint_every_n_steps = checkpoint_every_n_steps
-        self.mlperf = mlperf
-        self.num_workers = num_workers
-        self.batch_size = per_replica_batch_size
-        self.global_batch_size = per_replica_batch_size * strategy.num_replicas_in_sync
+        self.settings = settings
+        self.steps_per_epoch = settings.steps_per_epoch
+        self.total_steps = settings.total_steps
+        self.steps_per_loop = max(1, settings.steps_per_loop)
+        self.seed = settings.seed
+        self.batch_size = settings.per_replica_batch_size
+        self.global_batch_size = self.batch_size * strategy.num_replicas_in_sync
         (hl, wl), (hp, wp) = image_shapes
-        self.landscape_shape = [per_replica_batch_size, hl, wl, 3]
-        self.portrait_shape = [per_replica_batch_size, hp, wp, 3]
+        self.landscape_shape = [self.batch_size, hl, wl, 3]
+        self.portrait_shape = [self.batch_size, hp, wp, 3]
         self.loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+        self.step = create_step_variable(strategy) if step is None else step
+        self.checkpointer = checkpointer
+        self.hooks = list(hooks)
         self.callbacks = tf_keras.callbacks.CallbackList(list(callbacks), model=model)
-        self._stop_signal = None
-
-        with strategy.scope():
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
-                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self._forward_backward_fn = tf.function(self._forward_backward, jit_compile=jit_compile)
+        self._forward_backward_fn = tf.function(self._forward_backward,
+                                                jit_compile=settings.jit_compile)
         self._loop_fn = tf.function(self._loop)
-        self._count_signalled = tf.function(lambda flag: strategy.reduce(
-            tf.distribute.ReduceOp.SUM, strategy.run(lambda: flag), axis=None))
 
     # ------------------------------------------------------------------ the step
 
@@ -210,33 +272,6 @@ class Trainer:
         with self.strategy.scope():
             self.optimizer.build(self.model.trainable_variables)
 
-    def save(self):
-        if self.checkpointer is None:
-            return None
-        return self.checkpointer.save(int(self.step.numpy()), self.model.variables)
-
-    def _install_signal_handlers(self):
-        def handler(signum, _):
-            logging.warning("signal %d received: checkpoint at the end of this host call, then "
-                            "exit", signum)
-            self._stop_signal = signum
-        previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                previous[signum] = signal.signal(signum, handler)
-            except ValueError:  # not the main thread (e.g. some test runners)
-                pass
-        return previous
-
-    def _stop_requested(self):
-        """Whether any worker received a stop signal (agreed on by an all-reduce)."""
-        local = self._stop_signal or 0
-        if self.num_workers == 1:
-            return local
-        # ReduceOp has only SUM and MEAN: count the workers that were signalled.
-        signalled = self._count_signalled(tf.constant(1.0 if local else 0.0))
-        return local or (signal.SIGTERM if float(signalled) > 0 else 0)
-
     def _check_finite(self, last, finite, step_after):
         if finite:
             return
@@ -250,13 +285,21 @@ class Trainer:
             f"newest checkpoint is {self.checkpointer.latest if self.checkpointer else None}.")
 
     def train(self):
-        """Trains from the restored position to `total_steps`; returns the final logs dict."""
-        previous_handlers = self._install_signal_handlers()
+        """Trains from the restored position to `total_steps`; returns the final logs dict.
+
+        Raises:
+          NonFiniteLossError: a step's loss or gradients were not finite (it was not applied).
+          whatever a hook raises to end training, e.g. `Preempted`.
+        """
+        started = []
         try:
+            for hook in self.hooks:
+                hook.before_train()
+                started.append(hook)
             return self._train()
         finally:
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+            for hook in started:
+                hook.after_train()
 
     def _train(self):
         step = int(self.step.numpy())
@@ -269,41 +312,39 @@ class Trainer:
         while step < self.total_steps and not self.model.stop_training:
             epoch = step // self.steps_per_epoch
             epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
-            if self.mlperf:
-                self.mlperf.epoch_start(epoch + 1)
+            for hook in self.hooks:
+                hook.before_epoch(epoch, step)
             self.callbacks.on_epoch_begin(epoch)
             iterator = iter(self.train_data(epoch, step - epoch * self.steps_per_epoch))
             while step < epoch_end:
-                num_steps = min(self.steps_per_loop, epoch_end - step)
-                self.callbacks.on_train_batch_begin(step)
-                start = time.perf_counter()
-                means, last, done, finite = self._loop_fn(iterator, tf.constant(num_steps))
-                seconds = time.perf_counter() - start
-                self._check_finite(last, bool(finite), self.step.numpy())
-                step = int(self.step.numpy())
-                done = int(done)
-                logs = {key: float(value) for key, value in means.items()}
-                logs.update(step=step, epoch=epoch + 1, steps=done, seconds=seconds,
-                            learning_rate=self.learning_rate(),
-                            images_per_second=done * self.global_batch_size / seconds)
-                self.callbacks.on_train_batch_end(step - 1, logs)
-                signum = self._stop_requested()
-                if signum:
-                    raise Preempted(signum, step, self.save())
-                # At the first host-call boundary N steps after the previous step-checkpoint.
-                if (self.checkpoint_every_n_steps and step < epoch_end
-                        and step // self.checkpoint_every_n_steps
-                        > (step - done) // self.checkpoint_every_n_steps):
-                    self.save()
+                step, logs = self._host_call(iterator, epoch, step, epoch_end)
                 if self.model.stop_training:
                     break
-            if self.mlperf:
-                self.mlperf.epoch_stop(epoch + 1)
-            if step == epoch_end:
-                self.save()
+            for hook in self.hooks:
+                hook.after_epoch(epoch, step, epoch_end)
             self.callbacks.on_epoch_end(epoch, logs)
         self.callbacks.on_train_end(logs)
         return logs
+
+    def _host_call(self, iterator, epoch, step, epoch_end):
+        """Runs the steps of one host call (up to `steps_per_loop`, never past `epoch_end`),
+        then the callbacks' and hooks' batch-end events; returns (global step, logs)."""
+        num_steps = min(self.steps_per_loop, epoch_end - step)
+        self.callbacks.on_train_batch_begin(step)
+        start = time.perf_counter()
+        means, last, done, finite = self._loop_fn(iterator, tf.constant(num_steps))
+        seconds = time.perf_counter() - start
+        self._check_finite(last, bool(finite), self.step.numpy())
+        step = int(self.step.numpy())
+        done = int(done)
+        logs = {key: float(value) for key, value in means.items()}
+        logs.update(step=step, epoch=epoch + 1, steps=done, seconds=seconds,
+                    learning_rate=self.learning_rate(),
+                    images_per_second=done * self.global_batch_size / seconds)
+        self.callbacks.on_train_batch_end(step - 1, logs)
+        for hook in self.hooks:
+            hook.after_host_call(step, done, epoch_end)
+        return step, logs
 
 
 def weights_fingerprint(variables):

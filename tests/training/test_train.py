@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import gin
 import tensorflow as tf
@@ -21,7 +22,8 @@ from absl.testing import flagsaver
 
 from official_maskrcnn import evaluate, runtime, train
 from official_maskrcnn.evaluation import coco_metrics
-from official_maskrcnn.training import mlperf_compliance
+from official_maskrcnn.evaluation import evaluator as evaluator_lib
+from official_maskrcnn.training import checkpointing, mlperf_compliance
 from official_maskrcnn.training import trainer as trainer_lib
 from tests import synthetic_records
 
@@ -182,6 +184,18 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertIn("resumed from", out)
         self.assertIn("(step 6)", out)
         self.assertEqual(fingerprint(out), uninterrupted)
+
+    def test_a_failed_restore_still_closes_the_evaluation_post_processor(self):
+        model_dir = self.create_tempdir().full_path
+        # A listed checkpoint of something else: restoring it fails after the eval callback
+        # (and its post-processor's workers) exist, before training starts.
+        checkpointing.Checkpointer(model_dir, {"x": tf.Variable(1.0)}).save(3, [])
+        close = evaluator_lib.PostProcessor.close
+        with mock.patch.object(evaluator_lib.PostProcessor, "close", autospec=True,
+                               side_effect=close) as closed, \
+                self.assertRaisesRegex(checkpointing.CheckpointError, "ckpt-3"):
+            self.run_smoke(model_dir)
+        self.assertEqual(closed.call_count, 1)
 
     def test_bad_configuration_is_a_clear_error(self):
         model_dir = self.create_tempdir().full_path

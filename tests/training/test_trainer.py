@@ -1,9 +1,12 @@
 """The training loop on a tiny model: replica equivalence, NaN guard, callbacks, SIGTERM, resume.
 
+(The hooks alone, and their order among the callbacks, are tested in test_hooks.py.)
+
 Inputs are real parser output (a tiny synthetic COCO converted to records), fed through a fake
 `train_data(epoch, start_batch)` so that each test controls exactly which batch each step sees.
 """
 
+import dataclasses
 import os
 import signal
 import tempfile
@@ -15,6 +18,7 @@ import tf_keras
 from official_maskrcnn.data import dataset_builder
 from official_maskrcnn.modeling import factory
 from official_maskrcnn.training import checkpointing, distribution
+from official_maskrcnn.training import hooks as hooks_lib
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
 from tests import synthetic_records
@@ -45,6 +49,25 @@ def duplicate_first_image(batch):
     return {key: np.repeat(value[:1], 2, axis=0) for key, value in batch.items()}
 
 
+class LoopSettingsTest(tf.test.TestCase):
+
+    def test_total_steps_is_capped_by_max_steps_when_given(self):
+        settings = trainer_lib.LoopSettings(per_replica_batch_size=1, steps_per_epoch=5,
+                                            num_epochs=3)
+        self.assertEqual(settings.total_steps, 15)
+        for max_steps, total in ((7, 7), (40, 15), (0, 15)):  # 0, like None: no cap
+            self.assertEqual(dataclasses.replace(settings, max_steps=max_steps).total_steps,
+                             total)
+
+    def test_an_epoch_without_a_step_is_a_clear_error(self):
+        with self.assertRaisesRegex(ValueError, "steps_per_epoch must be >= 1, found 0"):
+            trainer_lib.LoopSettings(per_replica_batch_size=1, steps_per_epoch=0, num_epochs=1)
+
+    def test_the_step_variable_starts_at_zero_and_is_int64(self):
+        step = trainer_lib.create_step_variable(tf.distribute.get_strategy())
+        self.assertEqual((int(step.numpy()), step.dtype, step.trainable), (0, tf.int64, False))
+
+
 class TrainerTestBase(tf.test.TestCase):
 
     @classmethod
@@ -62,8 +85,9 @@ class TrainerTestBase(tf.test.TestCase):
         return model, optimizer
 
     def trainer(self, strategy, model, optimizer, feed, steps_per_epoch=2, num_epochs=2,
-                trainer_class=trainer_lib.Trainer, **kwargs):
-        """A Trainer whose epoch e, batch k is `feed(e, k)` (a dict of numpy arrays)."""
+                steps_per_loop=10, trainer_class=trainer_lib.Trainer, **kwargs):
+        """A Trainer whose epoch e, batch k is `feed(e, k)` (a dict of numpy arrays); `kwargs`
+        go to the Trainer (step, checkpointer, hooks, callbacks)."""
         def train_data(epoch, start_batch):
             batches = [feed(epoch, k) for k in range(start_batch, steps_per_epoch)]
             dataset = tf.data.Dataset.from_tensor_slices(
@@ -71,13 +95,28 @@ class TrainerTestBase(tf.test.TestCase):
             dataset = dataset.unbatch().batch(2)
             return strategy.experimental_distribute_dataset(dataset)
 
-        per_replica = 2 // strategy.num_replicas_in_sync
-        trainer = trainer_class(
-            strategy, model, optimizer, train_data, image_shapes=((SIZE, SIZE), (SIZE, SIZE)),
-            per_replica_batch_size=per_replica, steps_per_epoch=steps_per_epoch,
-            num_epochs=num_epochs, jit_compile=False, seed=7, **kwargs)
+        settings = trainer_lib.LoopSettings(
+            per_replica_batch_size=2 // strategy.num_replicas_in_sync,
+            steps_per_epoch=steps_per_epoch, num_epochs=num_epochs,
+            steps_per_loop=steps_per_loop, jit_compile=False, seed=7)
+        trainer = trainer_class(strategy, model, optimizer, train_data,
+                                image_shapes=((SIZE, SIZE), (SIZE, SIZE)), settings=settings,
+                                **kwargs)
         trainer.build()
         return trainer
+
+    @staticmethod
+    def checkpointing(strategy, model_dir, model, optimizer=None, every_n_steps=0):
+        """(step variable, its Checkpointer, [PreemptionHook, CheckpointHook]) as train.py
+        wires them."""
+        step = trainer_lib.create_step_variable(strategy)
+        objects = {"model": model, "step": step}
+        if optimizer is not None:
+            objects["optimizer"] = optimizer
+        checkpointer = checkpointing.Checkpointer(model_dir, objects)
+        checkpoints = hooks_lib.CheckpointHook(checkpointer, model, every_n_steps)
+        hooks = [hooks_lib.PreemptionHook(strategy, save=checkpoints.save), checkpoints]
+        return step, checkpointer, hooks
 
 
 class _MisreducingTrainer(trainer_lib.Trainer):
@@ -212,12 +251,12 @@ class LoopTest(TrainerTestBase):
                 snapshot[logs["step"]] = [v.numpy() for v in self.model.variables]
 
         model_dir = self.create_tempdir().full_path
+        step, checkpointer, hooks = self.checkpointing(self.strategy, model_dir, self.model,
+                                                       every_n_steps=2)
         trainer = self.trainer(self.strategy, self.model, self.optimizer,
                                lambda e, k: bad if k == 2 else self.batches[0],
-                               steps_per_epoch=4, steps_per_loop=2, checkpoint_every_n_steps=2,
-                               callbacks=[Snapshot()])
-        trainer.checkpointer = checkpointing.Checkpointer(
-            model_dir, {"model": self.model, "step": trainer.step})
+                               steps_per_epoch=4, steps_per_loop=2, step=step,
+                               checkpointer=checkpointer, hooks=hooks, callbacks=[Snapshot()])
         with self.assertRaisesRegex(trainer_lib.NonFiniteLossError,
                                     "non-finite step 3 ") as raised:
             trainer.train()
@@ -270,11 +309,12 @@ class LoopTest(TrainerTestBase):
                     os.kill(os.getpid(), signal.SIGTERM)
 
         model_dir = self.create_tempdir().full_path
+        step, checkpointer, hooks = self.checkpointing(self.strategy, model_dir, self.model,
+                                                       self.optimizer)
         trainer = self.trainer(self.strategy, self.model, self.optimizer,
                                lambda e, k: self.batches[k % 2], steps_per_epoch=3,
-                               num_epochs=2, steps_per_loop=1, callbacks=[Terminate()])
-        objects = {"model": self.model, "optimizer": self.optimizer, "step": trainer.step}
-        trainer.checkpointer = checkpointing.Checkpointer(model_dir, objects)
+                               num_epochs=2, steps_per_loop=1, step=step,
+                               checkpointer=checkpointer, hooks=hooks, callbacks=[Terminate()])
         with self.assertRaises(trainer_lib.Preempted) as raised:
             trainer.train()
         self.assertEqual(raised.exception.signum, signal.SIGTERM)
@@ -289,10 +329,11 @@ class LoopTest(TrainerTestBase):
             requested.append((epoch, k))
             return self.batches[k % 2]
 
+        step, checkpointer, hooks = self.checkpointing(self.strategy, model_dir, model,
+                                                       optimizer)
         resumed = self.trainer(self.strategy, model, optimizer, feed, steps_per_epoch=3,
-                               num_epochs=2, steps_per_loop=1)
-        resumed.checkpointer = checkpointing.Checkpointer(
-            model_dir, {"model": model, "optimizer": optimizer, "step": resumed.step})
+                               num_epochs=2, steps_per_loop=1, step=step,
+                               checkpointer=checkpointer, hooks=hooks)
         resumed.checkpointer.restore()
         self.assertEqual(int(resumed.step.numpy()), 3)
         self.assertEqual(int(optimizer.iterations.numpy()), 3)
