@@ -5,18 +5,25 @@ start_batch)` (= `strategy.distribute_datasets_from_function`): it is called onc
 pipeline with a `tf.distribute.InputContext` and returns that pipeline's dataset, batched at the
 per-replica batch size B; the strategy hands consecutive batches to the pipeline's R replicas.
 
-Sharding: by file when there are at least as many files as input pipelines (pipeline p reads
-files p, p + P, ...), by record otherwise (each reads every file and keeps the records whose
-global index is p mod P). Evaluation always shards by record, so that its per-pipeline counts
-are known exactly.
+Legend: P input pipelines, R replicas per pipeline, B images per replica; Hl, Wl and Hp, Wp the
+padded landscape and portrait image sizes (`image_shapes`).
 
-Static shapes: images are padded to one of two shapes, landscape (Hp, Wp) and portrait (Wp, Hp)
-(`preprocess_ops.padded_image_size`), and batches are grouped by orientation, the reference's
-aspect grouping; the train step therefore compiles once per orientation.
+Static shapes: images are padded to one of two shapes, landscape (Hl, Wl) and portrait
+(Hp, Wp) = (Wl, Hl) (`preprocess_ops.padded_image_size`), and batches are grouped by
+orientation, the reference's aspect grouping; the train step therefore compiles once per
+orientation. Train batches: images [B, Hl, Wl, 3] or [B, Hp, Wp, 3] and the ground truth of
+`parsers.TrainParser`; eval batches: images likewise and the fields of `parsers.EvalParser`
+plus is_valid [B] bool (False on padding entries).
+
+The parts, one idea each: `records` (file checks, the start-up scan), `epoch_plan` (sharding
+and how many batches each pipeline yields: padding, fillers, their cost), `raw_batches` (the
+training stream on raw records: stateless order, grouping, padding, flip seeds),
+`eval_batches` (eval grouping, invalid padding and filler batches), `parsers` (one record ->
+fixed-shape tensors).
 
 Training epochs. The training dataset is a function of (seed, epoch, start_batch), so that a
 preempted run resumes exactly mid-epoch and an epoch is the same number of steps on every
-pipeline:
+pipeline (`epoch_plan`):
   - Order: per pipeline and epoch, the files are permuted and read interleaved, and the records
     permuted within blocks of `shuffle_buffer`, with stateless seeds derived from (seed,
     pipeline, epoch): the same seed and epoch give the same batches, bit for bit, whatever
@@ -25,135 +32,21 @@ pipeline:
   - Grouping happens on raw serialized records, keyed by orientation looked up in the startup
     `scan` (no decoding), so that `start_batch` skips whole raw batches before any JPEG/PNG
     decode or resize: resuming costs reading (not decoding) the skipped records.
-  - Every trainable record of a pipeline is used once per epoch, except for two kinds of
-    duplicates ("a partial last batch may be padded", REFERENCE.md). (1) Padding: the last,
-    partial batch of each orientation is completed with records of the previous full batch of
-    that orientation (or, if there was none, by repeating its own records). (2) Fillers: all
-    pipelines yield the same number of batches, R * steps_per_epoch with
-        steps_per_epoch = max over pipelines p of ceil((ceil(L_p / B) + ceil(P_p / B)) / R),
-    L_p, P_p the pipeline's trainable landscape and portrait records; a pipeline with fewer
-    batches appends full batches from a second, differently permuted pass over its records.
-    Cost, in duplicate images per epoch: steps_per_epoch * global_batch_size - trainable
-    images. Padding is at most 2 (B - 1) per pipeline, fillers R - 1 batches per pipeline plus
-    the imbalance between shards (train2017, one pipeline, one replica, B = 16: at most 30 of
-    117,266 images, 0.03 %). `epoch_plan` gives the exact figures; they are in `summary` for one
-    pipeline and logged once per distribution layout.
 
-Bad input fails here, at startup: a pattern that matches no file, a file that is not a TFRecord,
-records without masks when masks are needed -> `InputError` naming the file.
+Bad input fails at startup (`records.check_files`): `InputError` naming the file.
 """
-
-import math
 
 import gin
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from official_maskrcnn.data import decoder, parsers
-from official_maskrcnn.data import preprocess_ops as ops
+from official_maskrcnn.data import decoder, epoch_plan, eval_batches, parsers, raw_batches, records
+from official_maskrcnn.data.records import InputError
+
+__all__ = ["DatasetBuilder", "InputError"]
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-class InputError(ValueError):
-    """The input files cannot feed the pipeline; the message names the file and the problem."""
-
-
-def resolve_files(file_pattern):
-    """Sorted files matching a glob (or comma-separated globs); InputError if none."""
-    files = sorted({path for pattern in file_pattern.split(",")
-                    for path in tf.io.gfile.glob(pattern.strip())})
-    if not files:
-        raise InputError(f"file pattern {file_pattern!r} matches no file")
-    return files
-
-
-def check_files(files, include_masks):
-    """Reads the first record of every file: each must be a TFRecord of our layout."""
-    required = ["image/encoded", "image/height", "image/width", "image/object/bbox/ymin",
-                "image/object/class/label", "image/object/is_crowd"]
-    if include_masks:
-        required.append(decoder.MASK_KEY)
-    for path in files:
-        try:
-            first = list(tf.data.TFRecordDataset(path).take(1).as_numpy_iterator())
-        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-            raise InputError(f"{path}: not a TFRecord file ({e.message.splitlines()[0]})") from e
-        if not first:
-            continue  # an empty shard is valid (e.g. more shards than images)
-        try:
-            example = tf.train.Example.FromString(first[0])
-        except Exception as e:  # protobuf's DecodeError
-            raise InputError(f"{path}: its first record is not a tf.train.Example: {e}") from e
-        missing = [key for key in required if key not in example.features.feature]
-        if missing:
-            hint = (" (convert with masks: python -m tfrecord_tools.create_coco_tfrecord)"
-                    if decoder.MASK_KEY in missing else "")
-            raise InputError(f"{path}: records lack the feature(s) {missing}{hint}")
-
-
-def scan_records(files, legacy_plus_one=True):
-    """One pass over the small features of every record, in `records_dataset` order.
-
-    Returns:
-      dict of [num_records] numpy arrays, indexed by the global record index (the position in
-      `records_dataset(files)`): portrait (bool), trainable (bool: keeps >= 1 instance for
-      training), num_trainable (int: instances training keeps), file_index (int: the record's
-      file in `files`).
-    """
-    def small(file_index, serialized):
-        parsed = decoder.parse_example(serialized, include_masks=False)
-        keep = parsers.trainable_instances(parsed, legacy_plus_one)
-        return (file_index, parsers.is_portrait(parsed),
-                tf.reduce_sum(tf.cast(keep, tf.int32)))
-
-    indexed = tf.data.Dataset.from_tensor_slices(files).enumerate().flat_map(
-        lambda i, path: tf.data.TFRecordDataset(path).map(lambda s: (i, s)))
-    columns = [[], [], []]
-    for values in indexed.map(small, num_parallel_calls=AUTOTUNE).batch(1024):
-        for column, value in zip(columns, values):
-            column.append(value.numpy())
-    file_index, portrait, num_trainable = (
-        np.concatenate(column) if column else np.zeros([0], dtype)
-        for column, dtype in zip(columns, [np.int64, bool, np.int32]))
-    return {"portrait": portrait, "trainable": num_trainable > 0,
-            "num_trainable": num_trainable, "file_index": file_index}
-
-
-def records_dataset(files):
-    """All records of `files` in a fixed order (files in order, records in order)."""
-    return tf.data.TFRecordDataset(files)
-
-
-def _indexed_records(path, start):
-    """The records of one file with their global index: (start + position in file, record)."""
-    return tf.data.TFRecordDataset(path).enumerate().map(
-        lambda position, record: (start + position, record))
-
-
-def pad_batch(batch, batch_size):
-    """Pads every tensor of a partial eval batch to `batch_size` with zeros (is_valid False)."""
-    def pad(tensor):
-        missing = batch_size - tf.shape(tensor)[0]
-        filler = tf.zeros(tf.concat([[missing], tf.shape(tensor)[1:]], 0), tensor.dtype)
-        return tf.concat([tensor, filler], 0)
-
-    return {key: pad(value) for key, value in batch.items()}
-
-
-# Purposes of the stateless seeds derived from (seed, pipeline, epoch): distinct streams.
-_FILE_ORDER, _RECORD_ORDER, _FLIPS = 0, 1, 2
-# Passes over a pipeline's records within an epoch: the epoch itself, then the fillers.
-_EPOCH_PASS, _FILLER_PASS = 0, 1
-_NUM_ORIENTATIONS = 2  # landscape (key 0), portrait (key 1)
-
-
-def _fold(seed, *data):
-    """A stateless seed [2] int64 derived from `seed` [2] and ints / int64 scalar tensors."""
-    for value in data:
-        seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(value, tf.int64))
-    return seed
 
 
 @gin.configurable
@@ -189,7 +82,7 @@ class DatasetBuilder:
                  flip_probability=0.5, max_instances=100, mask_size=112, include_masks=True,
                  legacy_plus_one=True, shuffle_buffer=1024, seed=None, deterministic=True,
                  cache=False, repeat=True, cycle_length=8):
-        self.files = resolve_files(file_pattern)
+        self.files = records.resolve_files(file_pattern)
         self.is_training = is_training
         self.global_batch_size = global_batch_size
         self.include_masks = include_masks and is_training
@@ -206,8 +99,8 @@ class DatasetBuilder:
                 max_instances, mask_size, self.include_masks, legacy_plus_one)
         else:
             self.parser = parsers.EvalParser(min_size, max_size, size_divisibility, pixel_mode)
-        check_files(self.files, self.include_masks)
-        self.scan = scan_records(self.files, legacy_plus_one)
+        records.check_files(self.files, self.include_masks)
+        self.scan = records.scan_records(self.files, legacy_plus_one)
         self._cached_records = {}  # (num_pipelines, pipeline_id) -> cached raw records
         self._logged_layouts = set()
         self._log_summary(max_instances)
@@ -220,6 +113,12 @@ class DatasetBuilder:
     def num_train_images(self):
         """Images training uses: records with >= 1 instance left after dropping crowds."""
         return int(self.scan["trainable"].sum())
+
+    @property
+    def image_shapes(self):
+        """((Hl, Wl), (Hp, Wp)): the static padded (height, width) of landscape and portrait
+        images, Python ints (`preprocess_ops.padded_image_size` of the parser's settings)."""
+        return self.parser.image_shapes
 
     def _log_summary(self, max_instances):
         message = (f"input: {len(self.files)} file(s), {self.num_records} records, "
@@ -276,53 +175,14 @@ class DatasetBuilder:
         return strategy.distribute_datasets_from_function(
             lambda context: self(context, epoch, start_batch))
 
-    # Training epochs: planning (numpy, from the scan) ...
-
-    def _by_file(self, num_pipelines):
-        return len(self.files) >= num_pipelines
-
-    def _pipeline_records(self, num_pipelines, pipeline_id):
-        """[num_records] bool: the trainable records pipeline `pipeline_id` trains on."""
-        if self._by_file(num_pipelines):  # as files.shard(num_pipelines, pipeline_id)
-            mine = self.scan["file_index"] % num_pipelines == pipeline_id
-        else:
-            mine = np.arange(self.num_records) % num_pipelines == pipeline_id
-        return mine & self.scan["trainable"]
+    # Training epochs: planning (numpy, from the scan; see `epoch_plan`) ...
 
     def epoch_plan(self, num_pipelines=1, replicas_per_pipeline=1):
-        """How one training epoch is laid out over P pipelines of R replicas each.
-
-        Returns:
-          dict: steps_per_epoch (int, equal on every pipeline), batch_size (B, per replica),
-          and [P] lists: records (trainable records of the pipeline), batches (its batches
-          with padding, before fillers), fillers (filler batches it appends), duplicates
-          (images it yields beyond its distinct records: padding and fillers); the pipeline
-          yields R * steps_per_epoch batches = records + duplicates images.
-        """
-        replicas = num_pipelines * replicas_per_pipeline
-        if self.global_batch_size % replicas:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by "
-                             f"the {replicas} replicas ({num_pipelines} pipeline(s) x "
-                             f"{replicas_per_pipeline})")
-        batch_size = self.global_batch_size // replicas
-        records, batches = [], []
-        for pipeline_id in range(num_pipelines):
-            mine = self._pipeline_records(num_pipelines, pipeline_id)
-            portrait = int((mine & self.scan["portrait"]).sum())
-            landscape = int(mine.sum()) - portrait
-            if portrait + landscape == 0:
-                raise InputError(
-                    f"input pipeline {pipeline_id} of {num_pipelines} has no trainable record "
-                    f"({len(self.files)} file(s), {self.num_train_images} trainable records): "
-                    f"use fewer pipelines or more shards")
-            records.append(portrait + landscape)
-            batches.append(math.ceil(portrait / batch_size)
-                           + math.ceil(landscape / batch_size))
-        steps = max(math.ceil(n / replicas_per_pipeline) for n in batches)
-        total = steps * replicas_per_pipeline
-        return {"steps_per_epoch": steps, "batch_size": batch_size, "records": records,
-                "batches": batches, "fillers": [total - n for n in batches],
-                "duplicates": [total * batch_size - n for n in records]}
+        """How one training epoch is laid out over P pipelines of R replicas each: the dict
+        of `epoch_plan.train_epoch_plan` (steps_per_epoch, batch_size, and [P] lists records,
+        batches, fillers, duplicates)."""
+        return epoch_plan.train_epoch_plan(self.scan, len(self.files), self.global_batch_size,
+                                           num_pipelines, replicas_per_pipeline)
 
     def steps_per_epoch(self, num_pipelines=1, replicas_per_pipeline=1):
         """Steps of one training epoch, equal on every pipeline (see `epoch_plan`)."""
@@ -372,183 +232,83 @@ class DatasetBuilder:
         """One epoch of one pipeline, as raw batches (records [B] string, seeds [B, 2] int64).
 
         All batches are full and of one orientation; `epoch` is an int or int64 scalar tensor.
-        `seeds` holds each element's stateless flip seed: (key of (seed, pipeline, epoch),
-        position of the element in the epoch), so skipping batches does not shift the flips.
+        `seeds` holds each element's stateless flip seed (`raw_batches.with_flip_seeds`).
         """
-        key = _fold(tf.constant([self.seed, 0], tf.int64), pipeline_id, epoch)
-        batches = self._pad_partial_batches(
-            self._grouped(self._epoch_records(num_pipelines, pipeline_id, key, _EPOCH_PASS),
-                          batch_size, drop_remainder=False), batch_size)
+        key = raw_batches.fold(tf.constant([self.seed, 0], tf.int64), pipeline_id, epoch)
+        portrait = self.scan["portrait"]
+        batches = raw_batches.pad_partial_batches(
+            raw_batches.group_by_orientation(
+                self._epoch_records(num_pipelines, pipeline_id, key, raw_batches.EPOCH_PASS),
+                portrait, batch_size, drop_remainder=False), batch_size)
         if fillers:
             # A fresh permutation, repeated for the rare pipeline with fewer than B records
             # of either orientation; only full batches come out.
-            again = self._epoch_records(num_pipelines, pipeline_id, key, _FILLER_PASS)
-            extra = self._grouped(again.repeat(), batch_size, drop_remainder=True).take(fillers)
+            again = self._epoch_records(num_pipelines, pipeline_id, key, raw_batches.FILLER_PASS)
+            extra = raw_batches.group_by_orientation(again.repeat(), portrait, batch_size,
+                                                     drop_remainder=True).take(fillers)
             batches = batches.concatenate(
                 extra.map(lambda batch: {"index": batch["index"], "record": batch["record"]}))
-        flip_key = tf.random.stateless_uniform([], seed=_fold(key, _FLIPS), minval=0,
-                                               maxval=np.iinfo(np.int64).max, dtype=tf.int64)
-
-        def with_seeds(batch_index, batch):
-            positions = batch_index * batch_size + tf.range(batch_size, dtype=tf.int64)
-            seeds = tf.stack([tf.fill([batch_size], flip_key), positions], axis=1)
-            return batch["record"], seeds
-
-        return batches.enumerate().map(with_seeds)
+        return raw_batches.with_flip_seeds(batches, key, batch_size)
 
     def _epoch_records(self, num_pipelines, pipeline_id, key, epoch_pass):
         """One permuted pass over the pipeline's trainable records: (index [], record []).
 
         `index` is the global record index (the `scan` arrays' index).
         """
-        key = _fold(key, epoch_pass)
-        mine = tf.constant(self._pipeline_records(num_pipelines, pipeline_id))
+        key = raw_batches.fold(key, epoch_pass)
+        mine = tf.constant(epoch_plan.pipeline_records(self.scan, len(self.files), num_pipelines,
+                                                       pipeline_id))
         if self.cache:
-            records = self._cached_pipeline_records(num_pipelines, pipeline_id, mine)
+            pipeline_records = self._cached_pipeline_records(num_pipelines, pipeline_id, mine)
         else:
             file_ids = np.arange(len(self.files))
-            if self._by_file(num_pipelines):
+            if epoch_plan.shards_by_file(len(self.files), num_pipelines):
                 file_ids = file_ids[pipeline_id::num_pipelines]
             paths = tf.constant([self.files[i] for i in file_ids])
-            starts = tf.constant(self._file_starts()[file_ids])
-            order = tf.argsort(tf.random.stateless_uniform([len(file_ids)],
-                                                           seed=_fold(key, _FILE_ORDER)))
+            starts = tf.constant(
+                records.file_starts(self.scan["file_index"], len(self.files))[file_ids])
+            order = tf.argsort(tf.random.stateless_uniform(
+                [len(file_ids)], seed=raw_batches.fold(key, raw_batches.FILE_ORDER)))
             files = tf.data.Dataset.from_tensor_slices(
                 (tf.gather(paths, order), tf.gather(starts, order)))
-            records = files.interleave(
-                _indexed_records, cycle_length=min(self.cycle_length, len(file_ids)),
+            pipeline_records = files.interleave(
+                records.indexed_records, cycle_length=min(self.cycle_length, len(file_ids)),
                 block_length=1, num_parallel_calls=AUTOTUNE, deterministic=self.deterministic)
-            records = records.filter(lambda index, _: tf.gather(mine, index))
-        return self._block_shuffle(records, _fold(key, _RECORD_ORDER))
-
-    def _file_starts(self):
-        """[num_files] int64: global index of each file's first record."""
-        counts = np.bincount(self.scan["file_index"], minlength=len(self.files))
-        return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            pipeline_records = pipeline_records.filter(lambda index, _: tf.gather(mine, index))
+        return raw_batches.block_shuffle(
+            pipeline_records, raw_batches.fold(key, raw_batches.RECORD_ORDER),
+            self.shuffle_buffer)
 
     def _cached_pipeline_records(self, num_pipelines, pipeline_id, mine):
         """The pipeline's (index, record), files in order, cached in memory on first use."""
         layout = (num_pipelines, pipeline_id)
         if layout not in self._cached_records:
-            records = records_dataset(self.files).enumerate()
-            self._cached_records[layout] = records.filter(
+            indexed = records.records_dataset(self.files).enumerate()
+            self._cached_records[layout] = indexed.filter(
                 lambda index, _: tf.gather(mine, index)).cache()
         return self._cached_records[layout]
 
-    def _block_shuffle(self, records, seed):
-        """Permutes (index, record) within consecutive blocks of `shuffle_buffer`.
-
-        Stateless (seed [2] and the block number), unlike `Dataset.shuffle`, whose order also
-        depends on TF's global seed: the order must be a function of (seed, epoch) only.
-        """
-        def permute(block_index, block):
-            index, record = block
-            noise = tf.random.stateless_uniform(tf.shape(index), seed=_fold(seed, block_index))
-            order = tf.argsort(noise)
-            return tf.gather(index, order), tf.gather(record, order)
-
-        return records.batch(self.shuffle_buffer).enumerate().map(permute).unbatch()
-
-    def _grouped(self, records, batch_size, drop_remainder):
-        """(index, record) -> dicts of index [n], record [n], key [] (orientation), n <= B.
-
-        Orientation comes from the scan, not from decoding. With drop_remainder=False the last
-        window of each orientation may be partial (n < B), and only these.
-        """
-        portrait = tf.constant(self.scan["portrait"])
-
-        def orientation(index, _):
-            return tf.cast(tf.gather(portrait, index), tf.int64)
-
-        def to_batch(key, window):
-            return window.batch(batch_size, drop_remainder=drop_remainder).map(
-                lambda index, record: {"index": index, "record": record, "key": key})
-
-        return records.group_by_window(orientation, to_batch, window_size=batch_size)
-
-    @staticmethod
-    def _pad_partial_batches(batches, batch_size):
-        """Completes each partial batch with records of the same orientation: those of the last
-        full batch of that orientation in this pass, or, if there was none, its own again.
-
-        Keeps (in a `scan` state) the last full batch of each orientation, [2, B] index and
-        record. Returns dicts with index [B], record [B].
-        """
-        initial = (tf.zeros([_NUM_ORIENTATIONS, batch_size], tf.int64),
-                   tf.fill([_NUM_ORIENTATIONS, batch_size], ""),
-                   tf.zeros([_NUM_ORIENTATIONS], tf.bool))
-
-        def pad(state, batch):
-            last_index, last_record, has_full = state
-            index, record, key = batch["index"], batch["record"], batch["key"]
-            size = tf.shape(index)[0]
-            is_full = tf.equal(size, batch_size)
-            # Worked example, B = 4, own records [a, b] with no earlier full batch:
-            # tile -> [a, b, a, b], missing = 2 -> padded [a, b, a, b].
-            repeats = -(-batch_size // size)
-            donor_index = tf.where(has_full[key], last_index[key],
-                                   tf.tile(index, [repeats])[:batch_size])
-            donor_record = tf.where(has_full[key], last_record[key],
-                                    tf.tile(record, [repeats])[:batch_size])
-            missing = batch_size - size
-            index = tf.ensure_shape(tf.concat([index, donor_index[:missing]], 0), [batch_size])
-            record = tf.ensure_shape(tf.concat([record, donor_record[:missing]], 0),
-                                     [batch_size])
-            row = tf.reshape(key, [1, 1])
-            state = tf.cond(
-                is_full,
-                lambda: (tf.tensor_scatter_nd_update(last_index, row, index[None]),
-                         tf.tensor_scatter_nd_update(last_record, row, record[None]),
-                         tf.tensor_scatter_nd_update(has_full, row, [True])),
-                lambda: (last_index, last_record, has_full))
-            return state, {"index": index, "record": record}
-
-        return batches.scan(initial, pad)
+    # Evaluation: every image exactly once, the same number of batches on every pipeline.
 
     def eval_batches_per_pipeline(self, num_pipelines, batch_size, replicas_per_pipeline):
         """The number of batches every eval pipeline yields (equal, so replicas stay in step)."""
-        portrait = self.scan["portrait"]
-        most = 0
-        for pipeline_id in range(num_pipelines):
-            mine = portrait[pipeline_id::num_pipelines]
-            n_portrait = int(mine.sum())
-            batches = (math.ceil(n_portrait / batch_size)
-                       + math.ceil((len(mine) - n_portrait) / batch_size))
-            most = max(most, batches)
-        return -(-most // replicas_per_pipeline) * replicas_per_pipeline
+        return epoch_plan.eval_batches_per_pipeline(self.scan["portrait"], num_pipelines,
+                                                    batch_size, replicas_per_pipeline)
 
     def _eval_dataset(self, num_pipelines, pipeline_id, batch_size, replicas_per_pipeline):
-        records = records_dataset(self.files).shard(num_pipelines, pipeline_id)
+        eval_records = records.records_dataset(self.files).shard(num_pipelines, pipeline_id)
         if self.cache:
-            records = records.cache()
-        parsed = records.map(lambda s: decoder.parse_example(s, include_masks=False),
-                             num_parallel_calls=AUTOTUNE)
+            eval_records = eval_records.cache()
+        parsed = eval_records.map(lambda s: decoder.parse_example(s, include_masks=False),
+                                  num_parallel_calls=AUTOTUNE)
         examples = parsed.map(self.parser, num_parallel_calls=AUTOTUNE)
-        batches = examples.group_by_window(
-            key_func=lambda e: tf.cast(tf.shape(e["images"])[0] > tf.shape(e["images"])[1],
-                                       tf.int64),
-            reduce_func=lambda _, window: window.batch(batch_size),
-            window_size=batch_size)
-        batches = batches.map(lambda b: pad_batch(b, batch_size))
+        batches = eval_batches.group_by_padded_shape(examples, batch_size)
 
         # Every pipeline yields the same number of batches: fill up with all-invalid ones.
-        portrait = self.scan["portrait"][pipeline_id::num_pipelines]
-        mine = (math.ceil(int(portrait.sum()) / batch_size)
-                + math.ceil(int((~portrait).sum()) / batch_size))
+        mine = epoch_plan.eval_pipeline_batches(self.scan["portrait"], num_pipelines,
+                                                pipeline_id, batch_size)
         total = self.eval_batches_per_pipeline(num_pipelines, batch_size, replicas_per_pipeline)
         if total > mine:
-            batches = batches.concatenate(self._invalid_batches(batch_size, total - mine))
+            batches = batches.concatenate(
+                eval_batches.invalid_batches(batch_size, self.image_shapes[0], total - mine))
         return batches.prefetch(AUTOTUNE)
-
-    def _invalid_batches(self, batch_size, count):
-        height, width = ops.padded_image_size(self.parser.min_size, self.parser.max_size,
-                                              self.parser.size_divisibility, portrait=False)
-        batch = {
-            "images": tf.zeros([batch_size, height, width, 3], tf.float32),
-            "image_size": tf.zeros([batch_size, 2], tf.int32),
-            "original_size": tf.zeros([batch_size, 2], tf.int32),
-            "scale": tf.zeros([batch_size, 2], tf.float32),
-            "source_id": tf.zeros([batch_size], tf.int64),
-            "is_valid": tf.zeros([batch_size], tf.bool),
-        }
-        return tf.data.Dataset.from_tensors(batch).repeat(count)

@@ -19,8 +19,7 @@ Eval output: images, image_size, original_size [2] int32 (H, W), scale [2] float
 
 import tensorflow as tf
 
-from official_maskrcnn.data import decoder
-from official_maskrcnn.data import preprocess_ops as ops
+from official_maskrcnn.data import decoder, preprocess_ops
 
 PAD_VALUE = -1
 
@@ -31,18 +30,36 @@ def trainable_instances(parsed, legacy_plus_one=True):
     An image with none of them is dropped from training, as the reference drops images without
     a usable annotation.
     """
-    _, valid = ops.normalized_to_reference_boxes(
+    _, valid = preprocess_ops.normalized_to_reference_boxes(
         parsed["boxes_normalized"], parsed["height"], parsed["width"], legacy_plus_one)
     return tf.logical_and(tf.logical_not(parsed["is_crowd"]), valid)
 
 
 def is_portrait(parsed):
-    """The reference's aspect grouping: height / width >= 1 goes to the portrait group."""
+    """The reference's aspect grouping: height / width >= 1 (squares included) goes to the
+    portrait group. The one orientation rule of the pipeline: the padded shape, the scan, the
+    training grouping and every batch count follow it."""
     return parsed["height"] >= parsed["width"]
 
 
 class _ResizePadMixin:
     """Resize to the reference size, normalise, pad into the orientation group's shape."""
+
+    def __init__(self, min_size, max_size, size_divisibility, pixel_mode):
+        if pixel_mode not in preprocess_ops.PIXEL_MODES:
+            raise ValueError(f"pixel_mode must be one of {preprocess_ops.PIXEL_MODES}, "
+                             f"got {pixel_mode!r}")
+        self.min_size, self.max_size = min_size, max_size
+        self.size_divisibility = size_divisibility
+        self.pixel_mode = pixel_mode
+
+    @property
+    def image_shapes(self):
+        """((Hl, Wl), (Hp, Wp)): the static padded (height, width) of the landscape and the
+        portrait group (`preprocess_ops.padded_image_size`), Python ints."""
+        return tuple(preprocess_ops.padded_image_size(
+            self.min_size, self.max_size, self.size_divisibility, portrait=portrait)
+            for portrait in (False, True))
 
     def _normalize_and_resize(self, image, height, width, portrait):
         """uint8 image in the mode's channel order -> (normalised resized image, new_h, new_w,
@@ -51,18 +68,17 @@ class _ResizePadMixin:
         Normalising (per-channel affine) commutes with bilinear resizing, whose weights sum to 1,
         so it is done on the smaller original image.
         """
-        new_h, new_w = ops.reference_output_size(height, width, self.min_size, self.max_size)
-        landscape_hw = ops.padded_image_size(self.min_size, self.max_size,
-                                             self.size_divisibility, portrait=False)
-        portrait_hw = ops.padded_image_size(self.min_size, self.max_size,
-                                            self.size_divisibility, portrait=True)
+        new_h, new_w = preprocess_ops.reference_output_size(height, width, self.min_size,
+                                                            self.max_size)
+        landscape_hw, portrait_hw = self.image_shapes
         pad_h = tf.where(portrait, portrait_hw[0], landscape_hw[0])
         pad_w = tf.where(portrait, portrait_hw[1], landscape_hw[1])
         # Extreme aspect ratios (> ~20:1) can exceed the padded side by the reference's
         # truncation; clamp rather than fail (a documented, negligible deviation).
         new_h, new_w = tf.minimum(new_h, pad_h), tf.minimum(new_w, pad_w)
-        normalized = ops.normalize_values(tf.cast(image, tf.float32), self.pixel_mode)
-        return ops.resize_image(normalized, new_h, new_w), new_h, new_w, pad_h, pad_w
+        normalized = preprocess_ops.normalize_values(tf.cast(image, tf.float32), self.pixel_mode)
+        return (preprocess_ops.resize_image(normalized, new_h, new_w), new_h, new_w, pad_h,
+                pad_w)
 
     @staticmethod
     def _pad(image, pad_h, pad_w):
@@ -78,12 +94,8 @@ class TrainParser(_ResizePadMixin):
     def __init__(self, min_size=800, max_size=1333, size_divisibility=32, flip_probability=0.5,
                  pixel_mode="bgr_caffe", max_instances=100, mask_size=112, include_masks=True,
                  legacy_plus_one=True):
-        if pixel_mode not in ops.PIXEL_MODES:
-            raise ValueError(f"pixel_mode must be one of {ops.PIXEL_MODES}, got {pixel_mode!r}")
-        self.min_size, self.max_size = min_size, max_size
-        self.size_divisibility = size_divisibility
+        super().__init__(min_size, max_size, size_divisibility, pixel_mode)
         self.flip_probability = flip_probability
-        self.pixel_mode = pixel_mode
         self.max_instances = max_instances
         self.mask_size = mask_size
         self.include_masks = include_masks
@@ -91,7 +103,7 @@ class TrainParser(_ResizePadMixin):
 
     def __call__(self, parsed, seed):
         keep = trainable_instances(parsed, self.legacy_plus_one)
-        boxes, _ = ops.normalized_to_reference_boxes(
+        boxes, _ = preprocess_ops.normalized_to_reference_boxes(
             parsed["boxes_normalized"], parsed["height"], parsed["width"], self.legacy_plus_one)
         boxes = tf.boolean_mask(boxes, keep)
         classes = tf.boolean_mask(parsed["classes"], keep)
@@ -99,32 +111,36 @@ class TrainParser(_ResizePadMixin):
         flip = tf.random.stateless_uniform([], seed=seed) < self.flip_probability
         # Channel order and flip on the small decoded image: both commute with the (symmetric,
         # half-pixel-centred) bilinear resize, and cost less before it.
-        image = ops.order_channels(decoder.decode_image(parsed["encoded_image"]),
-                                   self.pixel_mode)
+        image = preprocess_ops.order_channels(decoder.decode_image(parsed["encoded_image"]),
+                                              self.pixel_mode)
         image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
         resized, new_h, new_w, pad_h, pad_w = self._normalize_and_resize(
             image, parsed["height"], parsed["width"], is_portrait(parsed))
         scale_y = tf.cast(new_h, tf.float32) / tf.cast(parsed["height"], tf.float32)
         scale_x = tf.cast(new_w, tf.float32) / tf.cast(parsed["width"], tf.float32)
-        gt_boxes = ops.resize_boxes(boxes, scale_y, scale_x)
+        gt_boxes = preprocess_ops.resize_boxes(boxes, scale_y, scale_x)
         gt_boxes = tf.cond(
-            flip, lambda: ops.flip_boxes_left_right(gt_boxes, new_w, self.legacy_plus_one),
+            flip,
+            lambda: preprocess_ops.flip_boxes_left_right(gt_boxes, new_w, self.legacy_plus_one),
             lambda: gt_boxes)
 
         outputs = {
             "images": self._pad(resized, pad_h, pad_w),
             "image_size": tf.stack([new_h, new_w]),
-            "gt_boxes": ops.pad_to_fixed_size(gt_boxes, self.max_instances, PAD_VALUE),
-            "gt_classes": ops.pad_to_fixed_size(classes, self.max_instances, PAD_VALUE),
+            "gt_boxes": preprocess_ops.pad_to_fixed_size(gt_boxes, self.max_instances,
+                                                         PAD_VALUE),
+            "gt_classes": preprocess_ops.pad_to_fixed_size(classes, self.max_instances,
+                                                           PAD_VALUE),
             "source_id": parsed["source_id"],
         }
         if self.include_masks:
             masks = decoder.decode_masks(tf.boolean_mask(parsed["masks_png"], keep),
                                          parsed["height"], parsed["width"])
             # Cropped over the box in the original image: the same region as the resized box.
-            crops = ops.crop_and_resize_masks(masks, boxes, self.mask_size)
+            crops = preprocess_ops.crop_and_resize_masks(masks, boxes, self.mask_size)
             crops = tf.cond(flip, lambda: crops[:, :, ::-1], lambda: crops)
-            outputs["gt_masks"] = ops.pad_to_fixed_size(crops, self.max_instances, PAD_VALUE)
+            outputs["gt_masks"] = preprocess_ops.pad_to_fixed_size(crops, self.max_instances,
+                                                                   PAD_VALUE)
         return outputs
 
 
@@ -132,11 +148,7 @@ class EvalParser(_ResizePadMixin):
     """Callable: parsed record -> eval output dict (no flip, no ground truth)."""
 
     def __init__(self, min_size=800, max_size=1333, size_divisibility=32, pixel_mode="bgr_caffe"):
-        if pixel_mode not in ops.PIXEL_MODES:
-            raise ValueError(f"pixel_mode must be one of {ops.PIXEL_MODES}, got {pixel_mode!r}")
-        self.min_size, self.max_size = min_size, max_size
-        self.size_divisibility = size_divisibility
-        self.pixel_mode = pixel_mode
+        super().__init__(min_size, max_size, size_divisibility, pixel_mode)
 
     def __call__(self, parsed):
         outputs = self.preprocess_image(decoder.decode_image(parsed["encoded_image"]),
@@ -157,7 +169,7 @@ class EvalParser(_ResizePadMixin):
         """
         if height is None:
             height, width = tf.shape(image)[0], tf.shape(image)[1]
-        image = ops.order_channels(image, self.pixel_mode)
+        image = preprocess_ops.order_channels(image, self.pixel_mode)
         resized, new_h, new_w, pad_h, pad_w = self._normalize_and_resize(
             image, height, width, is_portrait({"height": height, "width": width}))
         original_size = tf.stack([height, width])

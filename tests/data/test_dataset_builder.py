@@ -1,102 +1,19 @@
-"""The dataset builder: filtering, shapes, sharding, exactly-once eval, determinism, errors."""
-
-import io
-import json
-import os
-import shutil
-import tempfile
-from unittest import mock
+"""The dataset builder: filtering, shapes, sharding, exactly-once eval, determinism, gin."""
 
 import gin
 import numpy as np
 import tensorflow as tf
 
 from official_maskrcnn.data import dataset_builder as db
-from tfrecord_tools import conversion, make_synthetic_coco, tf_example
-
-NUM_IMAGES = 13  # not a multiple of any batch size used below
-SMALL = {"min_size": 64, "max_size": 96}  # padded shapes: landscape 64x96, portrait 96x64
-
-
-def make_records(root, num_shards=2):
-    """A synthetic set where image 2 has only crowd annotations and one box is 1 px wide.
-
-    Returns (file pattern, the COCO dict, the ids of the images training must use).
-    """
-    with mock.patch("sys.stderr", io.StringIO()):
-        make_synthetic_coco.main(["--output_dir", root, "--split", "s", "--num_images",
-                                  str(NUM_IMAGES), "--image_size", "96", "--seed", "7"])
-    json_path = os.path.join(root, "annotations", "instances_s.json")
-    with open(json_path) as f:
-        coco = json.load(f)
-    for annotation in coco["annotations"]:
-        if annotation["image_id"] == 2:
-            annotation["iscrowd"] = 1
-    thin = next(a for a in coco["annotations"] if a["image_id"] == 3)
-    thin["bbox"][2] = 1.0  # the reference drops boxes with width <= 1 px
-    with open(json_path, "w") as f:
-        json.dump(coco, f)
-    conversion.convert(os.path.join(root, "s"), json_path, os.path.join(root, "rec", "s"),
-                       num_shards, 1, progress_stream=io.StringIO())
-    usable = {a["image_id"] for a in coco["annotations"]
-              if not a["iscrowd"] and a["bbox"][2] > 1 and a["bbox"][3] > 1}
-    return os.path.join(root, "rec", "s-*"), coco, usable
-
-
-def as_numpy(batch):
-    return {key: value.numpy() for key, value in batch.items()}
-
-
-def source_ids(dataset):
-    """[num_batches] lists of the source ids of each batch."""
-    return [batch["source_id"].numpy().tolist() for batch in dataset]
-
-
-def assert_same_batches(test, a, b):
-    test.assertEqual(len(a), len(b))
-    for x, y in zip(a, b):
-        test.assertEqual(set(x), set(y))
-        for key in x:
-            test.assertAllEqual(x[key], y[key])
-
-
-class CountingParser:
-    """Wraps a TrainParser and counts its calls (decode + resize), from inside tf.data."""
-
-    def __init__(self, parser):
-        self.parser = parser
-        self.calls = 0
-
-    def __call__(self, parsed, seed):
-        outputs = self.parser(parsed, seed)
-
-        def count(source_id):
-            self.calls += 1
-            return source_id
-
-        counted = tf.py_function(count, [outputs["source_id"]], tf.int64)
-        outputs["source_id"] = tf.ensure_shape(counted, [])
-        return outputs
-
-
-class RecordsTestCase(tf.test.TestCase):
-    """Shares one tiny converted dataset (two shards) between the tests of a class."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.tmp = tempfile.mkdtemp()
-        cls.pattern, cls.coco, cls.usable_ids = make_records(cls.tmp)
-        cls.images = {image["id"]: image for image in cls.coco["images"]}
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp)
-        super().tearDownClass()
-
-    def builder(self, is_training=True, batch=2, pattern=None, **kwargs):
-        kwargs = {**SMALL, "seed": 3, "mask_size": 16, **kwargs}
-        return db.DatasetBuilder(pattern or self.pattern, is_training, batch, **kwargs)
+from tests.data.builder_records import (
+    NUM_IMAGES,
+    CountingParser,
+    RecordsTestCase,
+    as_numpy,
+    assert_same_batches,
+    make_records,
+    source_ids,
+)
 
 
 class DatasetBuilderTest(RecordsTestCase):
@@ -229,34 +146,6 @@ class DatasetBuilderTest(RecordsTestCase):
 class TrainEpochTest(RecordsTestCase):
     """Training as a function of (seed, epoch, start_batch); expectations from the COCO json."""
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.files = sorted(tf.io.gfile.glob(cls.pattern))
-        cls.records = []  # (source_id, file_index) in the global record order
-        for file_index, path in enumerate(cls.files):
-            for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
-                feature = tf.train.Example.FromString(serialized).features.feature
-                cls.records.append((int(feature["image/source_id"].bytes_list.value[0]),
-                                    file_index))
-
-    def is_portrait(self, image_id):
-        return self.images[image_id]["height"] >= self.images[image_id]["width"]
-
-    def expected_layout(self, num_pipelines, batch_size, replicas=1):
-        """([P] lists of the trainable ids of each pipeline, steps per epoch), by hand."""
-        by_file = len(self.files) >= num_pipelines
-        ids = [[] for _ in range(num_pipelines)]
-        for index, (source_id, file_index) in enumerate(self.records):
-            if source_id in self.usable_ids:
-                ids[(file_index if by_file else index) % num_pipelines].append(source_id)
-
-        def batches(mine):
-            portrait = sum(self.is_portrait(i) for i in mine)
-            return -(-portrait // batch_size) + -(-(len(mine) - portrait) // batch_size)
-
-        return ids, max(-(-batches(mine) // replicas) for mine in ids)
-
     def test_same_epoch_same_batches_other_epoch_other_order(self):
         a = [as_numpy(b) for b in self.builder(batch=2)(epoch=1)]
         b = [as_numpy(b) for b in self.builder(batch=2)(epoch=1)]  # a fresh builder
@@ -282,42 +171,6 @@ class TrainEpochTest(RecordsTestCase):
                          [x["source_id"].tolist() for x in full])
         self.assertTrue(any(not np.array_equal(x["images"], y["images"])
                             for x, y in zip(full[steps - 2:], plain[steps - 2:])))
-
-    def test_every_trainable_image_once_per_epoch_plus_the_documented_padding(self):
-        for batch_size in (2, 4):
-            builder = self.builder(batch=batch_size)
-            batches = source_ids(builder(epoch=0))
-            _, steps = self.expected_layout(1, batch_size)
-            plan = builder.epoch_plan()
-            self.assertEqual(plan["steps_per_epoch"], steps)
-            self.assertLen(batches, steps)
-            ids = [i for batch in batches for i in batch]
-            self.assertEqual(set(ids), self.usable_ids)
-            self.assertEqual(len(ids) - len(self.usable_ids), plan["duplicates"][0])
-            self.assertGreater(plan["duplicates"][0], 0)  # 11 images: some padding is needed
-            self.assertIn(f"{plan['duplicates'][0]} duplicate image(s)", builder.summary)
-            for batch in batches:  # padding keeps each batch to one orientation
-                self.assertLen({self.is_portrait(i) for i in batch}, 1)
-
-    def test_steps_per_epoch_is_the_batch_count_of_every_pipeline(self):
-        # (pipelines, global batch, replicas per pipeline): one pipeline; two by file (7 and 4
-        # images: fillers); three by record (2 files; a pipeline with 1 landscape image: padded
-        # with itself); two replicas fed by one pipeline; 2 x 2 (7 batches -> 8: a filler).
-        for num_pipelines, global_batch, replicas in [(1, 2, 1), (2, 4, 1), (3, 6, 1),
-                                                      (1, 4, 2), (2, 4, 2)]:
-            with self.subTest(pipelines=num_pipelines, replicas=replicas):
-                builder = self.builder(batch=global_batch)
-                per_replica = global_batch // (num_pipelines * replicas)
-                ids, steps = self.expected_layout(num_pipelines, per_replica, replicas)
-                self.assertEqual(builder.steps_per_epoch(num_pipelines, replicas), steps)
-                for pipeline_id in range(num_pipelines):
-                    context = tf.distribute.InputContext(num_pipelines, pipeline_id,
-                                                         num_pipelines * replicas)
-                    batches = source_ids(builder(context, epoch=1))
-                    self.assertLen(batches, steps * replicas)
-                    self.assertTrue(all(len(batch) == per_replica for batch in batches))
-                    self.assertEqual({i for batch in batches for i in batch},
-                                     set(ids[pipeline_id]))
 
     def test_skipped_batches_are_never_decoded(self):
         builder = self.builder(batch=2)
@@ -376,10 +229,43 @@ class TrainEpochTest(RecordsTestCase):
         self.assertEqual(source_ids(builder(epoch=1, start_batch=2)), first[2:])
         self.assertNotEqual(source_ids(builder(epoch=0)), first)
 
-    def test_a_pipeline_without_records_is_an_input_error(self):
-        builder = self.builder(batch=20)
-        with self.assertRaisesRegex(db.InputError, "input pipeline .* of 20 has no trainable"):
-            builder.steps_per_epoch(20)
+
+class OrientationTest(RecordsTestCase):
+    """One orientation rule (`parsers.is_portrait`) for the padded shapes, the training
+    grouping (the scan) and the eval grouping (the padded shape)."""
+
+    def test_image_shapes_are_the_padded_shapes_of_both_orientations(self):
+        self.assertEqual(self.builder().image_shapes, ((64, 96), (96, 64)))
+        self.assertEqual(self.builder(is_training=False).image_shapes, ((64, 96), (96, 64)))
+        self.assertEqual(self.builder(min_size=800, max_size=1333).image_shapes,
+                         ((800, 1344), (1344, 800)))
+        self.assertEqual(self.builder(min_size=33, max_size=64).image_shapes,
+                         ((64, 64), (64, 64)))
+
+    def orientations(self, builder, dataset):
+        """{source id: set of orientations (True: portrait) of the batches it came in}."""
+        landscape, portrait = builder.image_shapes
+        found = {}
+        for batch in dataset:
+            shape = tuple(batch["images"].shape[1:3])
+            self.assertIn(shape, [landscape, portrait])
+            ids = batch["source_id"].numpy()
+            valid = batch["is_valid"].numpy() if "is_valid" in batch else np.ones(len(ids), bool)
+            for image_id in ids[valid]:
+                found.setdefault(int(image_id), set()).add(shape == portrait)
+        return found
+
+    def test_train_and_eval_classify_every_record_the_same_way(self):
+        expected = {image_id: {self.is_portrait(image_id)} for image_id in self.images}
+        self.assertIn({True}, [expected[i] for i in self.usable_ids])
+        self.assertIn({False}, [expected[i] for i in self.usable_ids])
+        train = self.builder(batch=2)
+        evaluation = self.builder(is_training=False, batch=2)
+        scan = dict(zip(self.record_source_ids(), train.scan["portrait"]))
+        self.assertEqual({i: {bool(p)} for i, p in scan.items()}, expected)
+        self.assertEqual(self.orientations(train, train(epoch=0)),
+                         {i: expected[i] for i in self.usable_ids})
+        self.assertEqual(self.orientations(evaluation, evaluation()), expected)
 
 
 class GinTest(tf.test.TestCase):
@@ -397,35 +283,6 @@ class GinTest(tf.test.TestCase):
             gin.clear_config()
         self.assertIn(tuple(batch["images"].shape[1:3]), [(32, 64), (64, 32)])
         self.assertEqual(batch["gt_masks"].shape[2:], (8, 8))
-
-
-class BadInputTest(tf.test.TestCase):
-
-    def test_pattern_matching_nothing(self):
-        with self.assertRaisesRegex(db.InputError, "matches no file"):
-            db.DatasetBuilder("/nonexistent/dir/train-*", True, 2)
-
-    def test_file_that_is_not_a_tfrecord(self):
-        path = os.path.join(self.create_tempdir().full_path, "x-00000-of-00001.tfrecord")
-        with open(path, "wb") as f:
-            f.write(b"some text that is certainly not a TFRecord file at all")
-        with self.assertRaisesRegex(db.InputError, f"{path}: not a TFRecord file"):
-            db.DatasetBuilder(path, True, 2, **SMALL)
-
-    def test_records_without_masks(self):
-        path = os.path.join(self.create_tempdir().full_path, "nomask.tfrecord")
-        record = {
-            "image/encoded": [b"\xff\xd8"], "image/source_id": [b"1"], "image/height": [8],
-            "image/width": [8], "image/object/bbox/ymin": [0.1], "image/object/bbox/xmin": [0.1],
-            "image/object/bbox/ymax": [0.9], "image/object/bbox/xmax": [0.9],
-            "image/object/class/label": [1], "image/object/is_crowd": [0],
-        }
-        with tf.io.TFRecordWriter(path) as writer:
-            writer.write(tf_example.serialize(record))
-        with self.assertRaisesRegex(db.InputError, f"{path}: records lack the feature.*mask"):
-            db.DatasetBuilder(path, True, 2, **SMALL)
-        # Without masks needed (evaluation), the same file is accepted.
-        self.assertEqual(db.DatasetBuilder(path, False, 2, **SMALL).num_records, 1)
 
 
 if __name__ == "__main__":
