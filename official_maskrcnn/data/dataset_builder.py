@@ -302,7 +302,7 @@ class DatasetBuilder:
         parsed = eval_records.map(lambda s: decoder.parse_example(s, include_masks=False),
                                   num_parallel_calls=AUTOTUNE)
         examples = parsed.map(self.parser, num_parallel_calls=AUTOTUNE)
-        batches = eval_batches.group_by_padded_shape(examples, batch_size)
+        batches = eval_batches.group_by_orientation(examples, batch_size)
 
         # Every pipeline yields the same number of batches: fill up with all-invalid ones.
         mine = epoch_plan.eval_pipeline_batches(self.scan["portrait"], num_pipelines,

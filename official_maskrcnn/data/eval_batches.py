@@ -1,4 +1,4 @@
-"""Eval batches: every image once, grouped by padded shape, partial batches padded to B.
+"""Eval batches: every image once, grouped by orientation, partial batches padded to B.
 
 Legend: B images per replica; Hl, Wl the padded landscape image size.
 An eval batch holds the `parsers.EvalParser` fields with a leading [B] dimension plus is_valid
@@ -8,6 +8,8 @@ partial batch, or a whole filler batch) are zeros with is_valid False.
 """
 
 import tensorflow as tf
+
+from official_maskrcnn.data import parsers
 
 
 def pad_batch(batch, batch_size):
@@ -20,18 +22,21 @@ def pad_batch(batch, batch_size):
     return {key: pad(value) for key, value in batch.items()}
 
 
-def group_by_padded_shape(examples, batch_size):
-    """Parsed eval examples -> batches of B, each of one padded shape, the last ones padded.
+def group_by_orientation(examples, batch_size):
+    """Parsed eval examples -> batches of B, each of one orientation, the last ones padded.
 
-    Keyed by the padded image's shape, which `parsers.is_portrait` chose: the same groups as
-    the scan's orientation, except when both orientations pad to one square shape (min_size and
-    max_size round up to the same multiple of size_divisibility): then all images form one
-    group, while `epoch_plan.eval_batches_per_pipeline` counts two.
+    Keyed by `parsers.is_portrait` of the original size, the rule the scan and
+    `epoch_plan.eval_batches_per_pipeline` use, so a pipeline yields exactly the batches the plan
+    counts, also when both orientations pad to one square shape (min_size and max_size rounding
+    up to the same multiple of size_divisibility; keying by the padded shape would then merge
+    the two groups and leave the pipelines with unequal counts).
     """
+    def portrait(example):
+        size = example["original_size"]
+        return tf.cast(parsers.is_portrait({"height": size[0], "width": size[1]}), tf.int64)
+
     batches = examples.group_by_window(
-        key_func=lambda e: tf.cast(tf.shape(e["images"])[0] > tf.shape(e["images"])[1],
-                                   tf.int64),
-        reduce_func=lambda _, window: window.batch(batch_size),
+        key_func=portrait, reduce_func=lambda _, window: window.batch(batch_size),
         window_size=batch_size)
     return batches.map(lambda b: pad_batch(b, batch_size))
 

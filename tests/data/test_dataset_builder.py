@@ -232,7 +232,7 @@ class TrainEpochTest(RecordsTestCase):
 
 class OrientationTest(RecordsTestCase):
     """One orientation rule (`parsers.is_portrait`) for the padded shapes, the training
-    grouping (the scan) and the eval grouping (the padded shape)."""
+    grouping (the scan) and the eval grouping."""
 
     def test_image_shapes_are_the_padded_shapes_of_both_orientations(self):
         self.assertEqual(self.builder().image_shapes, ((64, 96), (96, 64)))
@@ -266,6 +266,26 @@ class OrientationTest(RecordsTestCase):
         self.assertEqual(self.orientations(train, train(epoch=0)),
                          {i: expected[i] for i in self.usable_ids})
         self.assertEqual(self.orientations(evaluation, evaluation()), expected)
+
+    def test_square_padded_shape_keeps_two_eval_groups_and_equal_pipelines(self):
+        # min_size = max_size = 64: both orientations pad to 64 x 64. Grouping by the padded
+        # shape gave pipelines of 4 and 3 batches (P=2) and 3, 3, 2 (P=3) here.
+        for num_pipelines in (2, 3):
+            builder = self.builder(is_training=False, batch=2 * num_pipelines, min_size=64,
+                                   max_size=64)  # 2 images per replica, 1 replica per pipeline
+            self.assertEqual(builder.image_shapes, ((64, 64), (64, 64)))
+            counts, seen = [], []
+            for pipeline_id in range(num_pipelines):
+                context = tf.distribute.InputContext(num_pipelines, pipeline_id, num_pipelines)
+                batches = [as_numpy(b) for b in builder(context)]
+                counts.append(len(batches))
+                for batch in batches:
+                    sizes = batch["original_size"][batch["is_valid"]]
+                    self.assertLessEqual(len(set((sizes[:, 0] >= sizes[:, 1]).tolist())), 1)
+                    seen += batch["source_id"][batch["is_valid"]].tolist()
+            self.assertEqual(counts, [builder.eval_batches_per_pipeline(num_pipelines, 2, 1)]
+                             * num_pipelines)
+            self.assertCountEqual(seen, list(self.images))
 
 
 class GinTest(tf.test.TestCase):
