@@ -26,7 +26,7 @@ import tf_keras
 from absl import app, flags, logging
 
 from official_maskrcnn import runtime
-from official_maskrcnn.data import dataset_builder, preprocess_ops
+from official_maskrcnn.data import dataset_builder
 from official_maskrcnn.modeling import summary
 from official_maskrcnn.training import callbacks as callbacks_lib
 from official_maskrcnn.training import checkpointing, distribution
@@ -183,10 +183,6 @@ def _trainer(context, model, optimizer, train_builder, loop, callbacks):
     """The Trainer with its hooks, its variables built and the newest readable checkpoint
     restored."""
     settings, strategy = context.settings, context.strategy
-    parser = train_builder.parser
-    image_shapes = tuple(preprocess_ops.padded_image_size(
-        parser.min_size, parser.max_size, parser.size_divisibility, portrait=p)
-        for p in (False, True))
     step = trainer_lib.create_step_variable(strategy)
     checkpointer = checkpointing.Checkpointer(
         context.model_dir, {"model": model, "optimizer": optimizer, "step": step},
@@ -195,7 +191,8 @@ def _trainer(context, model, optimizer, train_builder, loop, callbacks):
     trainer = trainer_lib.Trainer(
         strategy, model, optimizer,
         train_data=lambda epoch, start: train_builder.distribute(strategy, epoch, start),
-        image_shapes=image_shapes, settings=loop, step=step, checkpointer=checkpointer,
+        image_shapes=train_builder.image_shapes, settings=loop, step=step,
+        checkpointer=checkpointer,
         hooks=_hooks(context, model, checkpointer), callbacks=callbacks)
     trainer.build()
     restored = checkpointer.restore()

@@ -12,10 +12,10 @@ import time
 import tensorflow as tf
 import tf_keras
 
+from official_maskrcnn.modeling.maskrcnn_model import LOSS_NAMES
 from tfrecord_tools.progress import format_seconds
 
-LOSS_KEYS = ("total_loss", "rpn_score_loss", "rpn_box_loss", "frcnn_class_loss",
-             "frcnn_box_loss", "mask_loss")
+LOSS_KEYS = ("total_loss",) + LOSS_NAMES  # in the order the progress line prints them
 
 
 class ProgressLogger(tf_keras.callbacks.Callback):
