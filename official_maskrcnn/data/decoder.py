@@ -1,4 +1,5 @@
-"""Decoding our TFRecords (TF Object Detection / Model Garden keys) into tensors.
+"""Decoding our TFRecords (TF Object Detection / Model Garden keys, `tfrecord_tools.features`)
+into tensors.
 
 Shape legend: H, W image size; N instances in the record.
 Two steps, so that the training filter can run before the expensive image and mask decoding:
@@ -7,21 +8,23 @@ Two steps, so that the training filter can run before the expensive image and ma
 
 import tensorflow as tf
 
-MASK_KEY = "image/object/mask"
+from tfrecord_tools import features
+
+MASK_KEY = features.MASK
 
 _SCALARS = {
-    "image/encoded": tf.io.FixedLenFeature((), tf.string),
-    "image/source_id": tf.io.FixedLenFeature((), tf.string),
-    "image/height": tf.io.FixedLenFeature((), tf.int64),
-    "image/width": tf.io.FixedLenFeature((), tf.int64),
+    features.ENCODED: tf.io.FixedLenFeature((), tf.string),
+    features.SOURCE_ID: tf.io.FixedLenFeature((), tf.string),
+    features.HEIGHT: tf.io.FixedLenFeature((), tf.int64),
+    features.WIDTH: tf.io.FixedLenFeature((), tf.int64),
 }
 _OBJECT_LISTS = {
-    "image/object/bbox/ymin": tf.float32,
-    "image/object/bbox/xmin": tf.float32,
-    "image/object/bbox/ymax": tf.float32,
-    "image/object/bbox/xmax": tf.float32,
-    "image/object/class/label": tf.int64,
-    "image/object/is_crowd": tf.int64,
+    features.YMIN: tf.float32,
+    features.XMIN: tf.float32,
+    features.YMAX: tf.float32,
+    features.XMAX: tf.float32,
+    features.LABEL: tf.int64,
+    features.IS_CROWD: tf.int64,
 }
 
 
@@ -46,16 +49,16 @@ def parse_example(serialized, include_masks=True):
     dense = {key: tf.sparse.to_dense(parsed[key]) for key in parsed
              if isinstance(parsed[key], tf.SparseTensor)}
     decoded = {
-        "encoded_image": parsed["image/encoded"],
-        "source_id": tf.strings.to_number(parsed["image/source_id"], tf.int64),
-        "height": tf.cast(parsed["image/height"], tf.int32),
-        "width": tf.cast(parsed["image/width"], tf.int32),
-        "boxes_normalized": tf.stack([dense["image/object/bbox/ymin"],
-                                      dense["image/object/bbox/xmin"],
-                                      dense["image/object/bbox/ymax"],
-                                      dense["image/object/bbox/xmax"]], axis=-1),
-        "classes": tf.cast(dense["image/object/class/label"], tf.int32),
-        "is_crowd": tf.cast(dense["image/object/is_crowd"], tf.bool),
+        "encoded_image": parsed[features.ENCODED],
+        "source_id": tf.strings.to_number(parsed[features.SOURCE_ID], tf.int64),
+        "height": tf.cast(parsed[features.HEIGHT], tf.int32),
+        "width": tf.cast(parsed[features.WIDTH], tf.int32),
+        "boxes_normalized": tf.stack([dense[features.YMIN],
+                                      dense[features.XMIN],
+                                      dense[features.YMAX],
+                                      dense[features.XMAX]], axis=-1),
+        "classes": tf.cast(dense[features.LABEL], tf.int32),
+        "is_crowd": tf.cast(dense[features.IS_CROWD], tf.bool),
     }
     if include_masks:
         decoded["masks_png"] = dense[MASK_KEY]

@@ -12,10 +12,11 @@ import numpy as np
 import tensorflow as tf
 
 from official_maskrcnn.data import decoder, parsers
+from tfrecord_tools import features
 
 # Features every record must have; masks are required only when training uses them.
-REQUIRED_FEATURES = ("image/encoded", "image/height", "image/width", "image/object/bbox/ymin",
-                     "image/object/class/label", "image/object/is_crowd")
+REQUIRED_FEATURES = (features.ENCODED, features.HEIGHT, features.WIDTH, features.YMIN,
+                     features.LABEL, features.IS_CROWD)
 
 
 class InputError(ValueError):
