@@ -223,8 +223,12 @@ def build_optimizer(
 
 def learning_rate_schedule(optimizer):
     """The schedule (or the constant rate) a `MomentumSGD` was built with; unwraps a
-    `LossScaleOptimizer`."""
-    return getattr(optimizer, "inner_optimizer", optimizer).schedule
+    `LossScaleOptimizer`. Another tf_keras optimizer gives its `learning_rate` (with a schedule,
+    that is the rate of its last update)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if isinstance(inner, MomentumSGD):
+        return inner.schedule
+    return inner.learning_rate
 
 
 def next_learning_rate(optimizer):
