@@ -5,16 +5,18 @@ r"""Evaluates a checkpoint on the eval set with the COCO API.
 Uses the training config (F, plus `--gin_param`): the model, `eval/DatasetBuilder` for the
 records, `run.eval_annotations_file` for the ground truth, `run.strategy` / `num_gpus` /
 `precision` / `eval_batch_size` / `eval_processes`. Restores the model weights of C (default:
-the newest checkpoint in M), prints both 12-line COCO tables, and writes into M:
+the newest readable checkpoint in M; for a folder an unreadable newest checkpoint falls back to
+the previous one with a warning, as training does), prints both 12-line COCO tables, and writes
+into M:
 `eval-<step>.metrics.json` (the 24 stats and timings) and `eval-<step>.results.json` (the COCO
 results: boxes in original image pixels, COCO category ids, RLE masks).
 
-Exit codes: 0 done; 1 no checkpoint, a bad config or bad input (the message says which).
+Exit codes: 0 done; 1 no (readable) checkpoint, a checkpoint of another config (e.g. another
+class count), a bad config or bad input: one line says which.
 """
 
 import json
 import os
-import re
 import sys
 
 import tensorflow as tf
@@ -23,6 +25,7 @@ from absl import app, flags
 from official_maskrcnn import runtime
 from official_maskrcnn.evaluation import coco_metrics
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
+from official_maskrcnn.training import checkpointing
 
 FLAGS = flags.FLAGS  # --gin_file, --gin_param, --model_dir, --checkpoint: defined in `runtime`
 
@@ -33,8 +36,7 @@ class EvaluateError(RuntimeError):
 
 def checkpoint_step(path):
     """The step number of `.../ckpt-<step>` (None if the name has none)."""
-    match = re.search(r"-(\d+)$", path)
-    return int(match.group(1)) if match else None
+    return checkpointing.checkpoint_step(path)
 
 
 def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
@@ -42,7 +44,8 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
 
     Args:
       model_dir: the run's folder (checkpoints; outputs are written there).
-      checkpoint: a checkpoint prefix or a folder (its newest); None: the newest in model_dir.
+      checkpoint: a checkpoint prefix or a folder (its newest readable one, falling back to
+        older ones with a warning, as training does); None: the newest readable in model_dir.
       settings: a `runtime.RunSettings` (default: the one of the parsed gin config).
     """
     settings = settings or runtime.run_settings()
@@ -50,13 +53,13 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
     if not annotations:
         raise EvaluateError("no ground truth: set run.eval_annotations_file (the eval split's "
                             "COCO annotation JSON) in the config or with --gin_param")
-    checkpoint = (runtime.resolve_checkpoint(checkpoint) if checkpoint
-                  else tf.train.latest_checkpoint(model_dir))
-    if not checkpoint:
+    if not checkpoint and not checkpointing.list_checkpoints(model_dir)[0]:
         raise EvaluateError(f"no checkpoint in {model_dir} (and no --checkpoint given)")
+    # Before the model is built: a missing checkpoint is reported at once.
+    candidates = runtime.checkpoint_candidates(checkpoint or model_dir)
     strategy = runtime.build_strategy(settings)
     model = runtime.build_model(strategy, settings.precision)
-    runtime.restore_model_weights(model, checkpoint)
+    checkpoint = runtime.restore_model_weights(model, candidates)
     builder = runtime.build_eval_dataset(settings.eval_global_batch_size)
     outputs = evaluator_lib.Evaluator(strategy, model, builder).predict()
     postprocessor = evaluator_lib.PostProcessor(annotations, settings.eval_processes)

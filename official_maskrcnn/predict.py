@@ -8,7 +8,8 @@ Uses the training config (F, plus `--gin_param`): the model (`build_maskrcnn_mod
 `size_divisibility`, `pixel_mode`, unscoped or in the `eval/` scope, as the eval parser gets
 them) and `run.eval_annotations_file` (optional) for class names and COCO category ids; without
 it a class is named "class <label>" and its category_id is the label (1..K-1). C is a checkpoint
-prefix (`.../ckpt-<step>`) or a folder (its newest checkpoint); only the model is restored.
+prefix (`.../ckpt-<step>`) or a folder (its newest readable checkpoint: an unreadable newest one
+falls back to the previous one with a warning, as training does); only the model is restored.
 
 Each image (JPEG or PNG; grayscale and RGBA are converted to RGB) is resized, normalised and
 padded exactly as the eval parser does, run through the model's inference call (one traced
@@ -95,7 +96,7 @@ def predict(image_paths, output_dir, checkpoint, score_threshold=0.5, max_detect
     Args:
       image_paths: image files (JPEG / PNG).
       output_dir: created; receives the pictures, predictions.json and images.json.
-      checkpoint: a checkpoint prefix or a folder (its newest checkpoint).
+      checkpoint: a checkpoint prefix or a folder (its newest readable checkpoint).
       score_threshold, max_detections: which detections are kept (module docstring).
       settings: a `runtime.RunSettings` (default: the one of the parsed gin config).
       stream: where the per-image lines go.
@@ -110,11 +111,11 @@ def predict(image_paths, output_dir, checkpoint, score_threshold=0.5, max_detect
     if not output_dir:
         raise PredictError("--output_dir is required")
     settings = settings or runtime.run_settings()
-    checkpoint = predictor_lib.resolve_checkpoint(checkpoint)
+    candidates = predictor_lib.resolve_checkpoint(checkpoint)
     parser = predictor_lib.eval_preprocessing()
     label_map = predictor_lib.load_label_map(settings.eval_annotations_file)
     inputs = image_files.check_inputs(list(image_paths), output_dir)
-    model = predictor_lib.restore_model(checkpoint, settings.precision)
+    model = predictor_lib.restore_model(candidates, settings.precision)
     class_names, label_to_category = predictor_lib.class_maps(label_map,
                                                               model.settings.num_classes)
     predictor = predictor_lib.Predictor(model, parser)

@@ -6,7 +6,11 @@ restored model, the eval data and the per-epoch evaluation. No entry imports ano
 what two of them need lives here, the common command-line flags included.
 """
 
+import contextlib
 import dataclasses
+import gc
+import logging
+import os
 
 import gin
 import tensorflow as tf
@@ -18,7 +22,7 @@ from official_maskrcnn.evaluation import coco_eval_callback
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.modeling import factory
 from official_maskrcnn.modeling.backbones.checkpoint import BackboneWeightsError
-from official_maskrcnn.training import distribution
+from official_maskrcnn.training import checkpointing, distribution
 from official_maskrcnn.training import optimizer as _optimizer  # noqa: F401  (see below)
 
 # `training.optimizer` is imported for its gin configurable `optimizer.build_optimizer`: every
@@ -146,22 +150,33 @@ class CheckpointNotFoundError(FileNotFoundError):
     """--checkpoint names neither a checkpoint nor a folder holding one."""
 
 
+def checkpoint_candidates(checkpoint):
+    """What restoring `checkpoint` may use: [the prefix] for a prefix (`.../ckpt-N`), or a
+    folder's checkpoints, oldest first (its state file's list plus those found by their files,
+    `checkpointing.list_checkpoints`), so that an unreadable newest one falls back.
+
+    Raises:
+      CheckpointNotFoundError: the folder holds no checkpoint, or the prefix has no index file.
+    """
+    if tf.io.gfile.isdir(checkpoint):
+        paths, _ = checkpointing.list_checkpoints(checkpoint)
+        if not paths:
+            raise CheckpointNotFoundError(f"--checkpoint {checkpoint}: no checkpoint in this "
+                                          f"folder")
+        return paths
+    if not tf.io.gfile.exists(checkpoint + ".index"):
+        raise CheckpointNotFoundError(f"--checkpoint {checkpoint}: no such checkpoint (expected "
+                                      f"the file {checkpoint}.index)")
+    return [checkpoint]
+
+
 def resolve_checkpoint(checkpoint):
     """A checkpoint prefix from a prefix (`.../ckpt-N`) or a folder (its newest checkpoint).
 
     Raises:
       CheckpointNotFoundError: the folder holds no checkpoint, or the prefix has no index file.
     """
-    if tf.io.gfile.isdir(checkpoint):
-        newest = tf.train.latest_checkpoint(checkpoint)
-        if not newest:
-            raise CheckpointNotFoundError(f"--checkpoint {checkpoint}: no checkpoint in this "
-                                          f"folder")
-        return newest
-    if not tf.io.gfile.exists(checkpoint + ".index"):
-        raise CheckpointNotFoundError(f"--checkpoint {checkpoint}: no such checkpoint (expected "
-                                      f"the file {checkpoint}.index)")
-    return checkpoint
+    return checkpoint_candidates(checkpoint)[-1]
 
 
 class CheckpointMismatchError(ValueError):
@@ -170,23 +185,89 @@ class CheckpointMismatchError(ValueError):
 
 # Errors of the user's config or files that every entry reports as one line, with exit code 1.
 INPUT_ERRORS = (FileNotFoundError, dataset_builder.InputError, BackboneWeightsError,
-                CheckpointMismatchError)
+                CheckpointMismatchError, checkpointing.CheckpointError)
+
+# The box head's class logits in a checkpoint of `tf.train.Checkpoint(model=...)`: its bias
+# has one value per class, background included (tests/test_runtime.py checks the key).
+CLASS_LOGITS_BIAS_KEY = "model/box_head/_cls_score/bias/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def restore_model_weights(model, checkpoint):
-    """Restores only the model's weights from `checkpoint` (a prefix); the optimizer's slots and
-    the step in it are not needed outside training.
+    """Restores only the model's weights; the optimizer's slots and the step in the checkpoint
+    are not needed outside training.
 
+    Args:
+      model: a built `MaskRCNNModel`.
+      checkpoint: a prefix, a folder (its newest readable checkpoint, falling back to older
+        ones with a warning as training does, `checkpointing.restore_newest_readable`), or a
+        list of prefixes oldest first (`checkpoint_candidates`).
+    Returns:
+      the restored prefix.
     Raises:
-      CheckpointMismatchError: the checkpoint misses a weight of the model or has another shape
-        (e.g. another config), or cannot be read; the message names the checkpoint.
+      CheckpointNotFoundError: no such checkpoint or folder, or an empty folder.
+      CheckpointMismatchError: a checkpoint of another config (another class count, a missing
+        weight, another shape); one line naming the checkpoint. Not a reason to fall back.
+      checkpointing.CheckpointError: no candidate can be read; one line naming each.
     """
+    paths = checkpoint if isinstance(checkpoint, (list, tuple)) else \
+        checkpoint_candidates(checkpoint)
+    where = paths[0] if len(paths) == 1 else os.path.dirname(paths[-1])
+    return checkpointing.restore_newest_readable(
+        paths, lambda path: _restore_model_only(model, path), where,
+        fatal=(CheckpointMismatchError,))
+
+
+def _restore_model_only(model, path):
+    _check_class_count(model, path)
+    failed = None
+    with _quiet_unrestored_value_warnings():
+        try:
+            tf.train.Checkpoint(model=model).restore(path).expect_partial() \
+                .assert_existing_objects_matched()
+        except (AssertionError, ValueError) as e:
+            failed = f"{path} does not hold this config's model: {str(e).splitlines()[0][:300]}"
+        # The failed restore's bookkeeping, freed here, would log one warning per value of the
+        # checkpoint not restored yet (a training checkpoint: every optimizer slot too).
+        gc.collect()
+    if failed:
+        raise CheckpointMismatchError(failed)
+
+
+def _check_class_count(model, path):
+    """The one line for the commonest mismatch, before TensorFlow's shape error of some layer."""
     try:
-        tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial() \
-            .assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise CheckpointMismatchError(f"{checkpoint} does not hold this config's model: "
-                                      f"{str(e).splitlines()[0][:300]}") from e
+        shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    except Exception:  # pylint: disable=broad-except
+        return  # unreadable: the restore says how
+    shape = shapes.get(CLASS_LOGITS_BIAS_KEY)
+    configured = getattr(getattr(model, "settings", None), "num_classes", None)
+    if shape and configured and shape[0] != configured:
+        raise CheckpointMismatchError(
+            f"{path} holds a model of {shape[0]} classes, the config builds {configured} "
+            f"(build_maskrcnn_model.num_classes, background included)")
+
+
+@contextlib.contextmanager
+def _quiet_unrestored_value_warnings():
+    """Drops TensorFlow's "unrestored values" warnings while active (see the caller)."""
+    logger = tf.get_logger()
+    quiet = _DropMessages(("could not be found in the restored object",
+                           "being deleted with unrestored values"))
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
 
 
 def build_eval_dataset(batch_size):

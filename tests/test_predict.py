@@ -236,6 +236,25 @@ class PredictTest(tf.test.TestCase):
         with self.assertRaisesRegex(PredictError, "does not hold this config's model"):
             predict.predict(self.images, output_dir, prefix)
 
+    def test_a_truncated_newest_checkpoint_falls_back_in_a_folder_and_is_named_as_a_prefix(self):
+        folder = os.path.join(self.create_tempdir().full_path, "run")
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=self.model), folder, 3)
+        first, second = manager.save(1), manager.save(2)
+        with open(tf.io.gfile.glob(second + ".data-*")[0], "r+b") as f:
+            f.truncate(100)  # a copy cut short
+        output_dir = self.create_tempdir().full_path
+        with self.assertLogs(level="WARNING") as logs:
+            results = predict.predict(self.images[:1], output_dir, folder, score_threshold=0.0,
+                                      stream=io.StringIO())
+        self.assertIn(f"checkpoint {second} cannot be restored", "\n".join(logs.output))
+        self.assertIn(f"restored {first}", "\n".join(logs.output))
+        first_image = [r for r in self.results if r["image_id"] == self.image_ids()[0]]
+        self.assertEqual([r["score"] for r in results], [r["score"] for r in first_image])
+        with self.assertRaises(PredictError) as raised:
+            predict.predict(self.images[:1], output_dir, second)
+        self.assertNotIn("\n", str(raised.exception))
+        self.assertIn(f"{second}: IndexError", str(raised.exception))
+
     def test_without_annotations_labels_are_names_and_category_ids(self):
         names, categories = predictor_lib.class_maps(None, 4)
         self.assertEqual(names, {1: "class 1", 2: "class 2", 3: "class 3"})

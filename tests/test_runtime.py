@@ -1,6 +1,9 @@
 """The entry layer: run settings from gin, the strategy rule, checkpoint resolution and restore
-errors, and the one inference preprocessing (`EvalParser.preprocess_image`)."""
+errors (with the training's fallback for a folder), and the one inference preprocessing
+(`EvalParser.preprocess_image`)."""
 
+import glob
+import logging
 import os
 
 import gin
@@ -10,6 +13,8 @@ import tensorflow as tf
 from official_maskrcnn import runtime
 from official_maskrcnn.data import decoder, parsers
 from official_maskrcnn.modeling import factory
+from official_maskrcnn.training import checkpointing
+from official_maskrcnn.training import optimizer as optimizer_lib
 from tests.data.test_preprocess_ops import make_record
 
 TINY = dict(num_classes=3, backbone_depth=18, backbone_norm="group_norm", freeze_at=0,
@@ -71,6 +76,82 @@ class CheckpointTest(tf.test.TestCase):
         with self.assertRaisesRegex(runtime.CheckpointMismatchError,
                                     f"{prefix} does not hold this config's model"):
             runtime.restore_model_weights(wider, prefix)
+
+
+def tiny_model(**overrides):
+    model = factory.build_maskrcnn_model(**dict(TINY, **overrides))
+    model(runtime.dummy_training_inputs(), training=True)
+    return model
+
+
+def save_training_checkpoints(model, folder, steps):
+    """Checkpoints as training writes them: model, optimizer slots and step."""
+    optimizer = optimizer_lib.MomentumSGD(0.01)
+    optimizer.build(model.trainable_variables)
+    checkpointer = checkpointing.Checkpointer(
+        folder, {"model": model, "optimizer": optimizer, "step": tf.Variable(0, tf.int64)})
+    return [checkpointer.save(step, []) for step in steps]
+
+
+class CountMessages(logging.Handler):
+    def __init__(self, fragment):
+        super().__init__()
+        self.fragment = fragment
+        self.count = 0
+
+    def emit(self, record):
+        self.count += self.fragment in record.getMessage()
+
+
+class RestoreFallbackTest(tf.test.TestCase):
+    """restore_model_weights on a folder: the training's fallback; on a prefix: that one only."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = tiny_model()
+
+    def test_a_folder_falls_back_past_a_truncated_newest_checkpoint(self):
+        folder = self.create_tempdir().full_path
+        first, second = save_training_checkpoints(self.model, folder, [1, 2])
+        with open(glob.glob(second + ".data-*")[0], "r+b") as f:
+            f.truncate(100)  # a copy cut short
+        with self.assertLogs(level="WARNING") as logs:
+            restored = runtime.restore_model_weights(self.model, folder)
+        self.assertEqual(restored, first)
+        self.assertIn(f"checkpoint {second} cannot be restored", "\n".join(logs.output))
+        # Named explicitly, the truncated one is one clear error naming it, not an IndexError.
+        with self.assertRaises(checkpointing.CheckpointError) as raised:
+            runtime.restore_model_weights(self.model, second)
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(f"{second}: IndexError: Read less bytes than requested", message)
+
+    def test_an_empty_or_missing_folder_is_a_clear_error(self):
+        folder = self.create_tempdir().full_path
+        with self.assertRaisesRegex(runtime.CheckpointNotFoundError,
+                                    "no checkpoint in this folder"):
+            runtime.restore_model_weights(self.model, folder)
+
+    def test_another_class_count_is_one_line_without_tensorflow_warnings(self):
+        folder = self.create_tempdir().full_path
+        (prefix,) = save_training_checkpoints(self.model, folder, [5])
+        self.assertEqual(tf.train.load_checkpoint(prefix).get_variable_to_shape_map()[
+            runtime.CLASS_LOGITS_BIAS_KEY], [3])  # the key the class count is read from
+        for other, expected in ((tiny_model(num_classes=5),
+                                 f"{prefix} holds a model of 3 classes, the config builds 5"),
+                                (tiny_model(fpn_num_filters=16),
+                                 f"{prefix} does not hold this config's model")):
+            unrestored = CountMessages("could not be found in the restored object")
+            tf.get_logger().addHandler(unrestored)
+            try:
+                with self.assertRaises(runtime.CheckpointMismatchError) as raised:
+                    runtime.restore_model_weights(other, folder)
+            finally:
+                tf.get_logger().removeHandler(unrestored)
+            self.assertStartsWith(str(raised.exception), expected)
+            self.assertNotIn("\n", str(raised.exception))
+            self.assertEqual(unrestored.count, 0)
 
 
 class InferencePreprocessingTest(tf.test.TestCase):

@@ -18,6 +18,7 @@ from official_maskrcnn import runtime
 from official_maskrcnn.data import dataset_builder, parsers
 from official_maskrcnn.evaluation import coco_results
 from official_maskrcnn.inference.image_files import PredictError
+from official_maskrcnn.training import checkpointing
 from tfrecord_tools import coco_index
 
 PREPROCESSING_KEYS = ("min_size", "max_size", "size_divisibility", "pixel_mode")
@@ -66,21 +67,25 @@ def class_maps(label_map, num_classes):
 
 
 def resolve_checkpoint(checkpoint):
-    """A checkpoint prefix from a prefix or a folder; PredictError if there is none."""
+    """What restoring `checkpoint` may use (`runtime.checkpoint_candidates`: [the prefix], or a
+    folder's checkpoints oldest first); PredictError if there is none."""
     if not checkpoint:
         raise PredictError("--checkpoint is required (a prefix .../ckpt-N or a model folder)")
     try:
-        return runtime.resolve_checkpoint(checkpoint)
+        return runtime.checkpoint_candidates(checkpoint)
     except runtime.CheckpointNotFoundError as e:
         raise PredictError(str(e)) from e
 
 
 def restore_model(checkpoint, precision):
-    """The gin-configured model on the default strategy with the weights of `checkpoint`."""
+    """The gin-configured model on the default strategy with the weights of `checkpoint` (a
+    prefix, a folder or `resolve_checkpoint`'s list: a folder's unreadable newest checkpoint
+    falls back to the previous one with a warning, as training does)."""
     model = runtime.build_model(tf.distribute.get_strategy(), precision)
     try:
         runtime.restore_model_weights(model, checkpoint)
-    except runtime.CheckpointMismatchError as e:
+    except (runtime.CheckpointMismatchError, runtime.CheckpointNotFoundError,
+            checkpointing.CheckpointError) as e:
         raise PredictError(f"--checkpoint {e}") from e
     return model
 
