@@ -1,13 +1,19 @@
 r"""Trains Mask R-CNN: `python -m official_maskrcnn.train --gin_file F [...] --model_dir M`.
 
 Writes into the model dir: `operative_config.gin` (every setting the run used), `mlperf.log`
-(the MLPerf compliance log), checkpoints `ckpt-<step>.*` (at epoch ends and every N steps) and
-TensorBoard events under `train/`. Running the same command again resumes from the newest
-readable checkpoint, at the exact batch where the run stopped.
+(the MLPerf compliance log; every line carries the run's id as `metadata.run_id`), checkpoints
+`ckpt-<step>.*` (at epoch ends and every N steps) and TensorBoard events under `train/`.
+Running the same command again resumes from the newest readable checkpoint, at the exact batch
+where the run stopped; checkpoints are found by their files too, so a missing or stale
+`checkpoint` state file never restarts a run from step 0 over its checkpoints.
 
-Exit codes: 0 done; 1 a non-finite loss or a configuration / input error (the message says
-which); 128 + signal number after SIGTERM / SIGINT (a checkpoint was written first; run the
-same command to resume).
+One run per model dir: the chief holds `train.lock` there (`training/model_dir_lock.py`) before
+it writes anything; a second run on the same folder exits at once with code 1, naming the
+holder's host and pid.
+
+Exit codes: 0 done; 1 a non-finite loss, a configuration / input error, unreadable checkpoints
+or the model dir in use by another run (the message says which); 128 + signal number after
+SIGTERM / SIGINT (a checkpoint was written first; run the same command to resume).
 
 Gin: `run.<setting>` (`runtime.RunSettings`) and the gin scopes `train/DatasetBuilder` (the
 training data), `build_maskrcnn_model` (the model) and `build_optimizer` (the optimizer and
@@ -18,6 +24,7 @@ schedule). The macros `num_gpus`, `seed` and `coco_annotations_file` exist so th
 import dataclasses
 import os
 import sys
+import uuid
 
 import gin
 import numpy as np
@@ -31,7 +38,7 @@ from official_maskrcnn.modeling import summary
 from official_maskrcnn.training import callbacks as callbacks_lib
 from official_maskrcnn.training import checkpointing, distribution
 from official_maskrcnn.training import hooks as hooks_lib
-from official_maskrcnn.training import mlperf_logger
+from official_maskrcnn.training import mlperf_logger, model_dir_lock
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
 
@@ -61,13 +68,36 @@ class _Context:
 def run(model_dir, settings=None, extra_callbacks=(), **overrides):
     """Builds everything from gin and trains; returns the final logs dict.
 
+    The chief holds the model dir's lock (`model_dir_lock`) from before its first write into
+    the folder until the end, however the run ends.
+
     Args:
       model_dir: output folder (created); an existing run there is resumed.
       settings: a `runtime.RunSettings` (None: the gin-bound one).
       extra_callbacks: more tf_keras callbacks.
       **overrides: `RunSettings` fields that take precedence over gin.
+    Raises:
+      model_dir_lock.ModelDirLockedError: another live run holds the model dir.
     """
-    context = _start(model_dir, settings or runtime.run_settings(**overrides))
+    settings = settings or runtime.run_settings(**overrides)
+    strategy, worker_id, num_workers = _strategy(settings)
+    run_id = new_run_id()
+    lock = model_dir_lock.ModelDirLock(model_dir, run_id)
+    if worker_id == 0:
+        lock.acquire()
+    try:
+        context = _start(model_dir, settings, strategy, worker_id, num_workers, run_id)
+        return _run(context, extra_callbacks)
+    finally:
+        lock.release()
+
+
+def new_run_id():
+    """A fresh id for one run (one process): 32 hex digits (uuid4)."""
+    return uuid.uuid4().hex
+
+
+def _run(context, extra_callbacks):
     model, optimizer = _build_model_and_optimizer(context)
     context.mllog.init_stop()
     context.mllog.run_start()
@@ -93,8 +123,8 @@ def run(model_dir, settings=None, extra_callbacks=(), **overrides):
     return logs
 
 
-def _start(model_dir, settings):
-    """Strategy, place in the cluster, MLPerf log (init_start) and seed."""
+def _strategy(settings):
+    """The strategy and this process's place in the cluster, checked against the settings."""
     strategy = runtime.build_strategy(settings)
     worker_id, num_workers = distribution.worker_info(strategy)
     if settings.eval_async and num_workers > 1:
@@ -104,9 +134,14 @@ def _start(model_dir, settings):
     if settings.global_batch_size % replicas:
         raise ValueError(f"run.global_batch_size={settings.global_batch_size} is not a multiple "
                          f"of the {replicas} replicas")
+    return strategy, worker_id, num_workers
+
+
+def _start(model_dir, settings, strategy, worker_id, num_workers, run_id):
+    """The MLPerf log (init_start) and the seed; the model dir is locked by now (chief)."""
     tf.io.gfile.makedirs(model_dir)
     mllog = mlperf_logger.MLPerfLogger(os.path.join(model_dir, "mlperf.log"),
-                                       enabled=worker_id == 0)
+                                       enabled=worker_id == 0, run_id=run_id)
     mllog.cache_clear()
     mllog.init_start()
     mllog.submission_info(org=settings.submission_org, division=settings.submission_division,
@@ -116,8 +151,9 @@ def _start(model_dir, settings):
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     context = _Context(model_dir, settings, strategy, worker_id, num_workers, mllog, seed)
-    logging.info("seed %d, %d replica(s) on %d worker(s), %d image(s) per replica, %s", seed,
-                 replicas, num_workers, context.per_replica_batch_size, settings.precision)
+    logging.info("run id %s, seed %d, %d replica(s) on %d worker(s), %d image(s) per replica, "
+                 "%s", run_id, seed, strategy.num_replicas_in_sync, num_workers,
+                 context.per_replica_batch_size, settings.precision)
     return context
 
 
@@ -268,7 +304,7 @@ def main(argv):
         print(f"{e}. Run the same command again to resume.", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
     except (trainer_lib.NonFiniteLossError, checkpointing.CheckpointError,
-            *runtime.INPUT_ERRORS) as e:
+            model_dir_lock.ModelDirLockedError, *runtime.INPUT_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -68,7 +68,8 @@ class MLPerfLogger:
     Every write is flushed at once, so a crash loses no line already logged.
     """
 
-    def __init__(self, path: str, enabled: bool = True, stdout: bool = False):
+    def __init__(self, path: str, enabled: bool = True, stdout: bool = False,
+                 run_id: Optional[str] = None):
         """Opens `path` for appending (creating its folder) unless disabled.
 
         Args:
@@ -76,9 +77,13 @@ class MLPerfLogger:
                 appended to line by line, which object stores do not support.
             enabled: False on every worker but the chief; then nothing is opened or written.
             stdout: also print each line to stdout (MLPerf harnesses collect stdout too).
+            run_id: written into the metadata of every line (`metadata.run_id`), so that the
+                lines of each run in an appended log (a resumed run) can be told apart. The
+                3.1.0 checker ignores metadata keys it does not know (tested).
         """
         self.path = path
         self.enabled = enabled
+        self.run_id = run_id
         self._handlers = []
         self._mllogger = None
         if not enabled:
@@ -127,7 +132,10 @@ class MLPerfLogger:
             # mllog would write a non-MLLOG warning line into the file instead; fail here.
             raise TypeError(f"mlperf log '{key}': metadata must be a mapping, found "
                             f"{type(metadata).__name__}")
-        metadata = dict(metadata) if metadata else None
+        metadata = dict(metadata) if metadata else {}
+        if self.run_id is not None:
+            metadata["run_id"] = self.run_id
+        metadata = metadata or None
         if event_type == constants.INTERVAL_START:
             self._mllogger.start(key, value, metadata=metadata)
         elif event_type == constants.INTERVAL_END:

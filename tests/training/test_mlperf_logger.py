@@ -33,9 +33,9 @@ def _read_lines(path):
     return [json.loads(line[len(":::MLLOG "):]) for line in lines]
 
 
-def _write_run(path, with_eval=True, final_accuracy=(TARGET_BBOX, TARGET_SEGM)):
+def _write_run(path, with_eval=True, final_accuracy=(TARGET_BBOX, TARGET_SEGM), run_id=None):
     """Logs a simulated 2-epoch run; epoch 1 evaluates below target, epoch 2 at final_accuracy."""
-    with MLPerfLogger(path) as mllogger:
+    with MLPerfLogger(path, run_id=run_id) as mllogger:
         mllogger.submission_info(org="test", division="closed", platform="2xCPU",
                                  status="research")
         mllogger.cache_clear()
@@ -82,6 +82,19 @@ class MLPerfLoggerComplianceTest(tf.test.TestCase):
         self.assertEqual(lines["init_stop"]["event_type"], "INTERVAL_END")
         # mllog's call-site metadata names the caller of MLPerfLogger, not the logger module.
         self.assertEqual(lines["eval_accuracy"]["metadata"]["file"], os.path.abspath(__file__))
+
+    def test_run_id_in_every_line_passes_every_check(self):
+        path = os.path.join(self.create_tempdir().full_path, "mlperf.log")
+        _write_run(path, run_id="0123abcd")
+
+        result = check_compliance(path)
+
+        self.assertTrue(result.passed, result.output)
+        self.assertEqual((result.failures, result.warnings), ((), ()))
+        lines = _read_lines(path)
+        self.assertEqual({line["metadata"]["run_id"] for line in lines}, {"0123abcd"})
+        by_key = {line["key"]: line for line in lines}
+        self.assertEqual(by_key["run_stop"]["metadata"]["status"], "success")  # kept beside it
 
     def test_run_without_eval_fails_only_on_eval_keys(self):
         path = os.path.join(self.create_tempdir().full_path, "mlperf.log")

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from unittest import mock
 
 import gin
@@ -23,7 +24,8 @@ from absl.testing import flagsaver
 from official_maskrcnn import evaluate, runtime, train
 from official_maskrcnn.evaluation import coco_metrics
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
-from official_maskrcnn.training import checkpointing, mlperf_compliance
+from official_maskrcnn.training import checkpointing, mlperf_compliance, model_dir_lock
+from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
 from tests import synthetic_records
 
@@ -120,6 +122,9 @@ class TrainEntryTest(tf.test.TestCase):
         by_key = {}
         for event in events:
             by_key.setdefault(event["key"], []).append(event)
+        run_ids = {event["metadata"]["run_id"] for event in events}  # every line carries it
+        self.assertLen(run_ids, 1)
+        self.assertRegex(run_ids.pop(), r"^[0-9a-f]{32}$")
         self.assertEqual([e["metadata"]["epoch_num"] for e in by_key["epoch_start"]], [1, 2])
         self.assertEqual(by_key["train_samples"][0]["value"], 15)  # one image is crowd-only
         self.assertEqual(by_key["num_image_candidates"][0]["value"], 1000)
@@ -185,6 +190,54 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertIn("(step 6)", out)
         self.assertEqual(fingerprint(out), uninterrupted)
 
+    def test_a_deleted_state_file_resumes_from_the_checkpoint_files(self):
+        model_dir = os.path.join(self.create_tempdir().full_path, "model")
+        self.run_smoke(model_dir, NO_EVAL, "run.num_epochs = 1")
+        written = {name: os.path.getmtime(os.path.join(model_dir, name))
+                   for name in os.listdir(model_dir) if name.startswith("ckpt-")}
+        self.assertIn("ckpt-8.index", written)
+        os.remove(os.path.join(model_dir, "checkpoint"))
+        _, out = self.run_smoke(model_dir, NO_EVAL, "run.num_epochs = 1")
+        self.assertIn(f"resumed from {os.path.join(model_dir, 'ckpt-8')} (step 8)", out)
+        self.assertEqual(fingerprint(out)[0][0], "8")  # nothing retrained
+        self.assertEqual({name: os.path.getmtime(os.path.join(model_dir, name))
+                          for name in written}, written)  # nothing overwritten
+
+    def test_evaluate_falls_back_past_a_truncated_checkpoint_and_names_a_class_mismatch(self):
+        model_dir = self.create_tempdir().full_path
+        gin.clear_config()
+        runtime.parse_gin([SMOKE], self.data_bindings)
+        model = runtime.build_model(tf.distribute.get_strategy(), "float32")
+        optimizer = optimizer_lib.build_optimizer(2)
+        optimizer.build(model.trainable_variables)
+        checkpointer = checkpointing.Checkpointer(
+            model_dir, {"model": model, "optimizer": optimizer,
+                        "step": tf.Variable(0, dtype=tf.int64)})
+        first, second = checkpointer.save(4, []), checkpointer.save(8, [])
+        with open(tf.io.gfile.glob(second + ".data-*")[0], "r+b") as f:
+            f.truncate(100)  # a copy cut short
+        with self.assertLogs(level="WARNING") as logs:
+            _, _, checkpoint = evaluate.evaluate_checkpoint(model_dir)
+        self.assertEqual(checkpoint, first)
+        self.assertIn(f"checkpoint {second} cannot be restored", "\n".join(logs.output))
+
+        # A config of another class count: one line, not a traceback under TensorFlow's
+        # warning for every value of the checkpoint left unrestored.
+        process = subprocess.run(
+            [sys.executable, "-m", "official_maskrcnn.evaluate", "--gin_file", SMOKE,
+             "--model_dir", model_dir, "--checkpoint", first,
+             *[arg for binding in self.data_bindings for arg in ("--gin_param", binding)],
+             "--gin_param", "build_maskrcnn_model.num_classes = 5"],
+            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2"),
+            capture_output=True, text=True, timeout=600)
+        self.assertEqual(process.returncode, 1, process.stderr[-3000:])
+        errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+        self.assertEqual(errors, [f"error: {first} holds a model of 4 classes, the config "
+                                  f"builds 5 (build_maskrcnn_model.num_classes, background "
+                                  f"included)"])
+        self.assertNotIn("Traceback", process.stderr)
+        self.assertNotIn("could not be found in the restored object", process.stderr)
+
     def test_a_failed_restore_still_closes_the_evaluation_post_processor(self):
         model_dir = self.create_tempdir().full_path
         # A listed checkpoint of something else: restoring it fails after the eval callback
@@ -227,6 +280,48 @@ class TrainEntryTest(tf.test.TestCase):
             self.assertRegex(stderr.getvalue(), f"^error: {re.escape(missing)}: checkpoint does "
                                                 f"not match the backbone")
             self.assertNotIn("Traceback", stderr.getvalue())
+
+
+class ConcurrentRunTest(tf.test.TestCase):
+
+    def test_a_second_run_on_the_same_model_dir_exits_1_naming_the_first(self):
+        root = self.create_tempdir().full_path
+        bindings = make_smoke_data(root)
+        model_dir = os.path.join(root, "model")
+        command = [sys.executable, "-m", "official_maskrcnn.train", "--gin_file", SMOKE,
+                   "--model_dir", model_dir,
+                   *[arg for binding in bindings + [NO_EVAL] for arg in ("--gin_param", binding)]]
+        env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+        first = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: first.poll() is None and first.kill())
+        log_path = os.path.join(model_dir, "mlperf.log")
+        deadline = time.time() + 300
+        while not os.path.exists(log_path) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # the first run writes into the model dir from here on
+        self.assertIsNone(first.poll(), "the first run ended before the second one started")
+
+        second = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
+                                timeout=600)
+        out, _ = first.communicate(timeout=600)
+
+        self.assertEqual(second.returncode, 1, second.stderr[-3000:])
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        self.assertLen(errors, 1, second.stderr[-3000:])
+        self.assertIn(f"{model_dir} is in use by another training run (host "
+                      f"{socket.gethostname()}, pid {first.pid},", errors[0])
+        self.assertNotIn("Traceback", second.stderr)
+        # The first run is unharmed: it finishes, and the log and checkpoints are its own.
+        self.assertEqual(first.returncode, 0, out[-3000:])
+        self.assertEqual([step for step, _ in fingerprint(out)], ["16"])
+        with open(log_path) as f:
+            events = [json.loads(line.split(":::MLLOG ", 1)[1]) for line in f]
+        self.assertEqual([e["key"] for e in events].count("init_start"), 1)
+        self.assertLen({e["metadata"]["run_id"] for e in events}, 1)
+        self.assertEqual(sorted(n for n in os.listdir(model_dir) if n.endswith(".index")),
+                         ["ckpt-16.index", "ckpt-8.index"])
+        with open(os.path.join(model_dir, model_dir_lock.LOCK_FILE_NAME)) as f:
+            self.assertEqual(f.read(), "")  # released at the end
 
 
 def free_port():
