@@ -218,6 +218,8 @@ def restore_model_weights(model, checkpoint):
 
 
 def _restore_model_only(model, path):
+    """Restores `path` into `model`; another config's checkpoint is a `CheckpointMismatchError`,
+    an unreadable one raises what TensorFlow raised (`restore_newest_readable` reports it)."""
     _check_class_count(model, path)
     failed = None
     with _quiet_unrestored_value_warnings():
@@ -226,9 +228,10 @@ def _restore_model_only(model, path):
                 .assert_existing_objects_matched()
         except (AssertionError, ValueError) as e:
             failed = f"{path} does not hold this config's model: {str(e).splitlines()[0][:300]}"
-        # The failed restore's bookkeeping, freed here, would log one warning per value of the
-        # checkpoint not restored yet (a training checkpoint: every optimizer slot too).
-        gc.collect()
+        if failed:
+            # The failed restore's bookkeeping, freed here, would log one warning per value of
+            # the checkpoint not restored yet (a training checkpoint: every optimizer slot too).
+            gc.collect()
     if failed:
         raise CheckpointMismatchError(failed)
 

@@ -116,9 +116,15 @@ class RestoreFallbackTest(tf.test.TestCase):
         first, second = save_training_checkpoints(self.model, folder, [1, 2])
         with open(glob.glob(second + ".data-*")[0], "r+b") as f:
             f.truncate(100)  # a copy cut short
-        with self.assertLogs(level="WARNING") as logs:
-            restored = runtime.restore_model_weights(self.model, folder)
+        unrestored = CountMessages("could not be found in the restored object")
+        tf.get_logger().addHandler(unrestored)
+        try:
+            with self.assertLogs(level="WARNING") as logs:
+                restored = runtime.restore_model_weights(self.model, folder)
+        finally:
+            tf.get_logger().removeHandler(unrestored)
         self.assertEqual(restored, first)
+        self.assertEqual(unrestored.count, 0)  # one warning, not one per value
         self.assertIn(f"checkpoint {second} cannot be restored", "\n".join(logs.output))
         # Named explicitly, the truncated one is one clear error naming it, not an IndexError.
         with self.assertRaises(checkpointing.CheckpointError) as raised:
