@@ -149,8 +149,9 @@ def _check_jpeg_sizes(files, scan):
     if wrong.size:
         first = wrong[0]
         raise RecordError(
-            f"{record_name(files, scan, first)}: the JPEG is {tuple(scan['jpeg_size'][first].tolist())} "
-            f"(height, width) but the record says {tuple(expected[first].tolist())}; {wrong.size} "
+            f"{record_name(files, scan, first)}: the JPEG is "
+            f"{tuple(scan['jpeg_size'][first].tolist())} (height, width) but the record says "
+            f"{tuple(expected[first].tolist())}; {wrong.size} "
             f"record(s) in all disagree, e.g. source ids {scan['source_id'][wrong[:5]].tolist()}")
 
 

@@ -48,10 +48,10 @@ def check_labels(builder, num_classes):
         f"{records.record_name(builder.files, scan, first)}: class label {found}, but the model "
         f"has num_classes={num_classes} (labels 1..{num_classes - 1}, 0 is the background); "
         f"{bad.size} record(s) of {builder.file_pattern} have labels outside, largest "
-        f"{scan['max_label'].max()}, e.g. source ids {scan['source_id'][bad[:NUM_EXAMPLES]].tolist()}"
-        f" (records with raw COCO category ids, e.g. from another converter, need "
-        f"tfrecord_tools.create_coco_tfrecord's contiguous labels, or num_classes above the "
-        f"largest label)")
+        f"{scan['max_label'].max()}, e.g. source ids "
+        f"{scan['source_id'][bad[:NUM_EXAMPLES]].tolist()} (records with raw COCO category "
+        f"ids, e.g. from another converter, need tfrecord_tools.create_coco_tfrecord's "
+        f"contiguous labels, or num_classes above the largest label)")
 
 
 def load_image_sizes(annotations_file):

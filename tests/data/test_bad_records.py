@@ -8,11 +8,10 @@ import json
 import os
 import re
 
-import numpy as np
 import tensorflow as tf
 
 from official_maskrcnn.data import dataset_builder as db
-from official_maskrcnn.data import decode_failures, records, startup_checks
+from official_maskrcnn.data import decode_failures, startup_checks
 from tests.data import damaged_records
 from tests.data.builder_records import RecordsTestCase
 
@@ -110,8 +109,9 @@ class DamagedImageTest(RecordsLayout):
         pattern = self.damaged(index, other_size)
         with self.assertRaisesRegex(
                 db.InputError, f"^{self.name_regex(pattern, index)}: the JPEG is "
-                               f"\\({image['height'] // 2}, {image['width']}\\) \\(height, width\\) "
-                               f"but the record says \\({image['height']}, {image['width']}\\)"):
+                               f"\\({image['height'] // 2}, {image['width']}\\) "
+                               f"\\(height, width\\) but the record says "
+                               f"\\({image['height']}, {image['width']}\\)"):
             self.builder(pattern=pattern)
 
     def test_truncated_jpeg_body_passes_startup_and_is_named_when_decoded(self):
@@ -255,5 +255,4 @@ class EvalGroundTruthTest(RecordsLayout):
 
 
 if __name__ == "__main__":
-    np.set_printoptions(linewidth=100)
     tf.test.main()
