@@ -78,7 +78,8 @@ def jpeg_header_size(encoded_image):
     checks first) or the header does not parse. A damaged body after a good header passes: only
     decoding finds it (`decode_failures`).
     """
-    is_jpeg = tf.debugging.Assert(tf.io.is_jpeg(encoded_image), ["image/encoded is not a JPEG"])
+    is_jpeg = tf.debugging.assert_equal(tf.io.is_jpeg(encoded_image), True,
+                                        message="image/encoded is not a JPEG")
     with tf.control_dependencies([is_jpeg]):
         return tf.image.extract_jpeg_shape(encoded_image)[:2]
 
