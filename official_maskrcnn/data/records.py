@@ -69,8 +69,9 @@ def check_files(files, include_masks):
 def scan_records(files, legacy_plus_one=True):
     """One pass over the small features of every record, in `records_dataset` order.
 
-    No image or mask is decoded; each image's JPEG header is parsed (about 0.1 ms a record,
-    `tf.image.extract_jpeg_shape`), so a header that does not parse or disagrees with the
+    No image or mask is decoded; each image's JPEG header is parsed
+    (`tf.image.extract_jpeg_shape`; with the label and size columns the scan of coco128 takes
+    0.19 s instead of 0.14 s on 2 cores, a full decode would add 0.25 s), so a header that does not parse or disagrees with the
     record's height / width fails here, at startup. The orientation is `parsers.is_portrait`
     (height / width >= 1, squares included), the one rule of the training grouping and of every
     batch count.
