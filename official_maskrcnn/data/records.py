@@ -71,8 +71,9 @@ def scan_records(files, legacy_plus_one=True):
 
     No image or mask is decoded; each image's JPEG header is parsed
     (`tf.image.extract_jpeg_shape`; with the label and size columns the scan of coco128 takes
-    0.19 s instead of 0.14 s on 2 cores, a full decode would add 0.25 s), so a header that does not parse or disagrees with the
-    record's height / width fails here, at startup. The orientation is `parsers.is_portrait`
+    0.19 s instead of 0.14 s on 2 cores, a full decode would add 0.25 s), so a header that does
+    not parse or disagrees with the record's height / width fails here, at startup. The
+    orientation is `parsers.is_portrait`
     (height / width >= 1, squares included), the one rule of the training grouping and of every
     batch count.
 
