@@ -26,6 +26,7 @@ from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.training import checkpointing, mlperf_compliance
 from official_maskrcnn.training import trainer as trainer_lib
 from tests import synthetic_records
+from tests.data import damaged_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(REPO, "configs", "smoke_cpu.gin")
@@ -227,6 +228,56 @@ class TrainEntryTest(tf.test.TestCase):
             self.assertRegex(stderr.getvalue(), f"^error: {re.escape(missing)}: checkpoint does "
                                                 f"not match the backbone")
             self.assertNotIn("Traceback", stderr.getvalue())
+
+    def run_entry(self, entry, model_dir, bindings):
+        """Runs `entry.main` on the smoke config; returns (exit code, stderr)."""
+        gin.clear_config()
+        stderr = io.StringIO()
+        with flagsaver.flagsaver(gin_file=[SMOKE], gin_param=self.data_bindings + bindings,
+                                 model_dir=model_dir, checkpoint=None), \
+                contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()), \
+                self.assertRaises(SystemExit) as raised:
+            entry.main([entry.__name__])
+        return raised.exception.code, stderr.getvalue()
+
+    def test_bad_data_is_one_error_line_with_exit_1_before_training(self):
+        # Labels 1..3 of the smoke data against a model of 2 foreground classes: without the
+        # check, a raw gather error at the first step (issue 15, item 5).
+        model_dir = self.create_tempdir().full_path
+        code, stderr = self.run_entry(train, model_dir, [NO_EVAL,
+                                                         "build_maskrcnn_model.num_classes = 3"])
+        self.assertEqual(code, 1)
+        self.assertRegex(stderr, r"^error: \S+train-0000\d-of-00002.tfrecord: record \d+ "
+                                 r"\(source id \d+\): class label 3, but the model has "
+                                 r"num_classes=3")
+        self.assertNotIn("Traceback", stderr)
+        self.assertEmpty(tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*")))
+        # The train split's JSON as the eval ground truth: the same ids 1..16, other sizes;
+        # without the check, scored silently after an epoch.
+        val_json = self.data_bindings[2].split("'")[1]
+        train_json = val_json.replace("instances_val", "instances_train")
+        code, stderr = self.run_entry(train, model_dir,
+                                      [f"run.eval_annotations_file = '{train_json}'"])
+        self.assertEqual(code, 1)
+        self.assertRegex(stderr, f"^error: eval records \\S+val-\\* \\(16 records\\) and "
+                                 f"{re.escape(train_json)} \\(16 images\\) disagree: \\d+ "
+                                 f"image\\(s\\) have another \\(height, width\\)")
+        self.assertNotIn("Traceback", stderr)
+        self.assertEmpty(tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*")))
+
+    def test_an_image_that_fails_to_decode_mid_epoch_is_named_with_exit_1(self):
+        model_dir = self.create_tempdir().full_path
+        pattern = self.data_bindings[0].split("'")[1]
+        damaged = damaged_records.rewrite(pattern, self.create_tempdir().full_path,
+                                          damaged_records.edit_image(
+                                              3, damaged_records.body_truncated))
+        code, stderr = self.run_entry(train, model_dir, [
+            NO_EVAL, f"train/DatasetBuilder.file_pattern = '{damaged}'"])
+        self.assertEqual(code, 1)
+        self.assertRegex(stderr, r"^error: \S+train-00000-of-00002.tfrecord: record 3 \(source "
+                                 r"id \d+\): its image or masks do not decode \(.*JPEG")
+        self.assertNotIn("Traceback", stderr)
+        self.assertTrue(tf.io.gfile.exists(os.path.join(model_dir, "mlperf.log")))
 
 
 def free_port():
