@@ -59,7 +59,8 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
     runtime.restore_model_weights(model, checkpoint)
     builder = runtime.build_eval_dataset(settings.eval_global_batch_size)
     outputs = evaluator_lib.Evaluator(strategy, model, builder).predict()
-    postprocessor = evaluator_lib.PostProcessor(annotations, settings.eval_processes)
+    postprocessor = evaluator_lib.PostProcessor(annotations, settings.eval_processes,
+                                                settings.coco_backend)
     try:
         metrics, results = postprocessor.run(outputs)
     finally:

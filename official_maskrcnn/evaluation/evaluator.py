@@ -93,13 +93,15 @@ class Evaluator:
         return outputs
 
 
-def _postprocess(converter, outputs, label_to_category, annotations_file, image_ids):
+def _postprocess(converter, outputs, label_to_category, annotations_file, image_ids, backend):
     """Outputs -> COCO results (pasting in the converter's processes) -> metrics."""
     start = time.perf_counter()
     results = converter.convert(outputs, label_to_category)
     convert_seconds = time.perf_counter() - start
-    metrics = coco_metrics.evaluate(annotations_file, results, image_ids=image_ids)
+    metrics = coco_metrics.evaluate(annotations_file, results, image_ids=image_ids,
+                                    backend=backend)
     metrics["seconds"] = {"convert": convert_seconds, "total": time.perf_counter() - start}
+    metrics["coco_backend"] = backend
     return metrics, results
 
 
@@ -113,11 +115,14 @@ class PostProcessor:
       annotations_file: the COCO annotation JSON of the eval split (its categories give the
         label map, as the converter built it).
       num_processes: processes pasting masks and encoding RLE (1: in this process).
+      backend: the COCOeval implementation, one of `coco_metrics.BACKENDS`.
     """
 
-    def __init__(self, annotations_file, num_processes=1):
+    def __init__(self, annotations_file, num_processes=1, backend="pycocotools"):
+        coco_metrics.check_backend(backend)
         self.annotations_file = annotations_file
-        ground_truth = coco_metrics.load_ground_truth(annotations_file)
+        self.backend = backend
+        ground_truth = coco_metrics.load_ground_truth(annotations_file, backend)
         self.label_to_category = coco_results.label_to_category_id(
             ground_truth.loadCats(ground_truth.getCatIds()))
         self._converter = coco_results.ResultConverter(num_processes)
@@ -128,7 +133,8 @@ class PostProcessor:
         (metrics, results)."""
         image_ids = sorted(int(i) for i in outputs["source_id"])
         return self._background.submit(_postprocess, self._converter, outputs,
-                                       self.label_to_category, self.annotations_file, image_ids)
+                                       self.label_to_category, self.annotations_file, image_ids,
+                                       self.backend)
 
     def run(self, outputs):
         """Post-processes now: (metrics, results)."""
