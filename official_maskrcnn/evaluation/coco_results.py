@@ -163,7 +163,7 @@ class ResultConverter:
         return results
 
     def submit(self, fn, *args):
-        """Runs fn(*args) in a worker (for tests and diagnostics); returns a future."""
+        """Runs fn(*args) in a worker; returns a future."""
         if self._executor is None:
             raise ValueError("no worker processes (num_processes <= 1)")
         return self._executor.submit(fn, *args)

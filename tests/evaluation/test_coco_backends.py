@@ -9,8 +9,9 @@ from pycocotools import coco as coco_lib
 from pycocotools import mask as mask_util
 
 from official_maskrcnn.evaluation import coco_metrics
-from tests.evaluation.test_coco_metrics import perturbed_results
-from tests.evaluation.test_coco_results import COCO128_JSON
+from official_maskrcnn.evaluation import evaluator as evaluator_lib
+from tests.evaluation.test_coco_metrics import gt_as_outputs, perturbed_results
+from tests.evaluation.test_coco_results import COCO128_JSON, TENSORFLOW_LOADED
 
 # A C++ COCOeval sums precisions in another order than numpy: a few float64 ulps of stats <= 1.
 TOLERANCE = 1e-12
@@ -123,6 +124,41 @@ class BackendEqualityTest(tf.test.TestCase):
             coco_metrics.evaluate(COCO128_JSON, [], backend="detectron")
         with self.assertRaisesRegex(ValueError, r"coco backend 'fast'"):
             coco_metrics.load_ground_truth(COCO128_JSON, backend="fast")
+
+
+class PostProcessorBackendTest(tf.test.TestCase):
+    """The post-processor in one process and in two (segm scored in a worker), each back end."""
+
+    def test_same_metrics_and_results_in_one_and_two_processes(self):
+        ground_truth = coco_metrics.load_ground_truth(COCO128_JSON)
+        image_ids = sorted(ground_truth.getImgIds())[:12]
+        outputs = gt_as_outputs(ground_truth, image_ids)
+        runs = {}
+        for backend in coco_metrics.BACKENDS:
+            for processes in (1, 2):
+                post = evaluator_lib.PostProcessor(COCO128_JSON, processes, backend)
+                try:
+                    metrics, results = post.run(outputs)
+                    if processes == 2:  # scoring segm did not pull TensorFlow into a worker
+                        self.assertFalse(post._converter.submit(eval, TENSORFLOW_LOADED).result())
+                finally:
+                    post.close()
+                self.assertEqual(metrics["coco_backend"], backend)
+                runs[backend, processes] = metrics, results
+        reference, reference_results = runs["pycocotools", 1]
+        self.assertGreater(reference["segm"]["AP"], 0.5)  # ground truth as detections
+        for key, (metrics, results) in runs.items():
+            self.assertEqual(results, reference_results, msg=str(key))
+            self.assertEqual(coco_metrics.format_stats_table(metrics),
+                             coco_metrics.format_stats_table(reference), msg=str(key))
+            for iou_type in coco_metrics.IOU_TYPES:
+                for name in coco_metrics.STAT_NAMES:
+                    self.assertAllClose(metrics[iou_type][name], reference[iou_type][name],
+                                        rtol=0, atol=TOLERANCE, msg=f"{key} {iou_type} {name}")
+
+    def test_unknown_backend_is_refused_before_any_work(self):
+        with self.assertRaisesRegex(ValueError, r"coco backend 'cocoapi'"):
+            evaluator_lib.PostProcessor(COCO128_JSON, 1, "cocoapi")
 
 
 if __name__ == "__main__":
