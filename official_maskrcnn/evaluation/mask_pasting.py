@@ -156,21 +156,22 @@ class PastedCrops:
             keep_start = np.concatenate([[True], ~joined])
             keep_end = np.concatenate([~joined, [True]])
             starts, ends, run_crop = starts[keep_start], ends[keep_end], run_crop[keep_start]
-        first = np.concatenate([[True], run_crop[1:] != run_crop[:-1]])
+        first = np.flatnonzero(np.concatenate([[True], run_crop[1:] != run_crop[:-1]]))
+        last = np.append(first[1:], run_crop.size) - 1
         previous_end = np.concatenate([[0], ends[:-1]])
         previous_end[first] = 0
-        # Per crop: zeros, ones, zeros, ones, ..., trailing zeros.
-        split = np.flatnonzero(first)
-        bounds = np.append(split, run_crop.size)
-        for begin, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            num_runs = end - begin
-            mask_counts = np.empty(2 * num_runs + 1, np.int64)
-            mask_counts[0:-1:2] = starts[begin:end] - previous_end[begin:end]
-            mask_counts[1:-1:2] = ends[begin:end] - starts[begin:end]
-            mask_counts[-1] = image_pixels - ends[end - 1]
-            if mask_counts[-1] == 0:
-                mask_counts = mask_counts[:-1]
-            counts[int(self.detection[run_crop[begin]])] = mask_counts
+        # All masks' counts in one array, mask after mask: zeros, ones, ..., zeros, ones,
+        # trailing zeros. Run i of the g-th mask with runs sits at 2 i + g.
+        group = np.repeat(np.arange(first.size), last - first + 1)
+        flat = np.empty(2 * run_crop.size + first.size, np.int64)
+        flat[2 * np.arange(run_crop.size) + group] = starts - previous_end
+        flat[2 * np.arange(run_crop.size) + group + 1] = ends - starts
+        trailing = image_pixels - ends[last]
+        flat[2 * last + np.arange(first.size) + 2] = trailing
+        blocks = np.split(flat, 2 * first[1:] + np.arange(1, first.size))
+        for detection, block, empty_tail in zip(self.detection[run_crop[first]].tolist(),
+                                                blocks, (trailing == 0).tolist()):
+            counts[detection] = block[:-1] if empty_tail else block
         return counts
 
 
