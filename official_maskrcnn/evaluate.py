@@ -62,7 +62,8 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
     startup_checks.check_eval_ground_truth(builder, annotations)
     with decode_failures.named_decode_failures(builder):
         outputs = evaluator_lib.Evaluator(strategy, model, builder).predict()
-    postprocessor = evaluator_lib.PostProcessor(annotations, settings.eval_processes)
+    postprocessor = evaluator_lib.PostProcessor(annotations, settings.eval_processes,
+                                                settings.coco_backend)
     try:
         metrics, results = postprocessor.run(outputs)
     finally:
