@@ -1,5 +1,6 @@
-"""Benchmark: COCO eval post-processing (mask pasting + RLE + COCOeval bbox and segm), ours vs
-tf-models-official's `COCOEvaluator`, on the same detections in the same run.
+"""Benchmark: COCO eval post-processing (boxes, mask pasting, RLE, COCOeval bbox and segm), per
+stage and end to end, in 1 and 2 processes, idle and beside a busy core, both COCOeval back ends,
+against tf-models-official's `COCOEvaluator` on the same detections in the same run.
 
 Exact command (from the repository root)::
 
@@ -9,18 +10,26 @@ Detections: for each of coco128's 128 real images (resized as the reference: sho
 longer at most 1333), 100 per image: every non-crowd ground-truth object with its box jittered
 (sigma 5 % of its size) and its ground-truth mask cut over the box and resampled to 28 x 28
 (plus noise), then random boxes with smooth random masks and random classes up to 100; random
-scores. Timed per repeat, variants interleaved (order reversed on odd repeats):
-  - ours, 1 process: `coco_results.detections_to_coco` + `coco_metrics.evaluate`;
-  - ours, 2 processes: a `ResultConverter(2)` started before timing (started once per run in
-    training), then `coco_metrics.evaluate`;
-  - Model Garden: `COCOEvaluator(include_mask=True)` built before timing (it loads the JSON);
-    timed `update_state` (numpy -> tensors of its expected format: COCO category ids,
-    `image_info` with the scale) + `result()`.
-Ground truth is loaded before timing for both. Reported: median seconds per 1000 images.
+scores.
+
+Stages (one process, median over repeats, ms per image): boxes back to original pixels and the
+result dicts; pasting (`mask_pasting.PastedCrops`); RLE run lengths from the crops; RLE
+compression (pycocotools); bbox and segm COCOeval (loadRes + evaluate + accumulate + summarize)
+with each back end.
+
+End to end (`evaluator.PostProcessor.run`, exactly what training runs after inference; its worker
+pool started before timing, as once per training run): pycocotools and faster_coco_eval in 1 and
+2 processes; Model Garden's `COCOEvaluator(include_mask=True)` (`update_state` + `result()`;
+built before timing, it loads the JSON). Each variant idle and with a CPU burner (a process
+spinning on one core, as training beside an asynchronous evaluation). Variants interleaved, order
+reversed on odd repeats. "ms / image / process" = wall time x processes / images.
 """
 
 import argparse
+import collections
+import contextlib
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -90,12 +99,6 @@ def make_outputs(ground_truth, label_of, num_detections, rng):
     return outputs
 
 
-def run_ours(converter, outputs, label_map, ground_truth):
-    from official_maskrcnn.evaluation import coco_metrics
-    results = converter.convert(outputs, label_map)
-    return coco_metrics.evaluate(ground_truth, results)
-
-
 def run_model_garden(evaluator, outputs, label_map):
     import tensorflow as tf
     n = len(outputs["source_id"])
@@ -115,63 +118,167 @@ def run_model_garden(evaluator, outputs, label_map):
     return evaluator.result()
 
 
+STAGES = ("boxes + result dicts", "pasting", "RLE run lengths", "RLE compression")
+
+
+def _median_ms(seconds, num_images):
+    return statistics.median(seconds) / num_images * 1000
+
+
+def time_stages(outputs, label_map, annotations, repeats):
+    """{stage: [seconds per repeat]} of the one-process pipeline, stage by stage."""
+    import threadpoolctl
+    from pycocotools import mask as mask_util
+
+    from official_maskrcnn.evaluation import coco_metrics, coco_results, mask_pasting
+    per_image = []
+    for i in range(len(outputs["source_id"])):
+        keep = outputs["detection_classes"][i] > 0
+        boxes = coco_results.original_boxes_xyxy(outputs["detection_boxes"][i][keep],
+                                                 outputs["scale"][i])
+        per_image.append((outputs["detection_masks"][i][keep], boxes,
+                          *outputs["original_size"][i]))
+    results = coco_results.detections_to_coco(outputs, label_map)
+    seconds = collections.defaultdict(list)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        coco_results.detections_to_coco(outputs, label_map, include_masks=False)
+        seconds[STAGES[0]].append(time.perf_counter() - start)
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+            start = time.perf_counter()
+            crops = [mask_pasting.PastedCrops(*args, 0.5) for args in per_image]
+            seconds[STAGES[1]].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        counts = [c.rle_counts() for c in crops]
+        seconds[STAGES[2]].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for c, image_counts in zip(crops, counts):
+            mask_util.frPyObjects([{"counts": n, "size": [c.height, c.width]}
+                                   for n in image_counts], c.height, c.width)
+        seconds[STAGES[3]].append(time.perf_counter() - start)
+        for backend in coco_metrics.BACKENDS:
+            for iou_type in coco_metrics.IOU_TYPES:
+                start = time.perf_counter()
+                coco_metrics.evaluate(annotations, results, iou_types=(iou_type,),
+                                      backend=backend)
+                seconds[f"{iou_type} COCOeval, {backend}"].append(time.perf_counter() - start)
+    return seconds
+
+
+def stat_differences(results, annotations):
+    """max |faster_coco_eval - pycocotools| over the 12 stats of each iou type."""
+    from official_maskrcnn.evaluation import coco_metrics
+    slow = coco_metrics.evaluate(annotations, results)
+    fast = coco_metrics.evaluate(annotations, results, backend="faster_coco_eval")
+    return {t: max(abs(fast[t][n] - slow[t][n]) for n in coco_metrics.STAT_NAMES)
+            for t in coco_metrics.IOU_TYPES}, slow
+
+
+class Burner:
+    """A process spinning on one core while the context is open."""
+
+    def __enter__(self):
+        import subprocess
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.process.kill()
+        self.process.wait()
+
+
 def main(argv):
     args = parse_args(argv)
     from official_maskrcnn.evaluation import coco_metrics, coco_results
+    from official_maskrcnn.evaluation import evaluator as evaluator_lib
     ground_truth = coco_metrics.load_ground_truth(args.annotations)
     label_map = coco_results.label_to_category_id(
         ground_truth.loadCats(ground_truth.getCatIds()))
     outputs = make_outputs(ground_truth, {v: k for k, v in label_map.items()}, args.detections,
                            np.random.default_rng(args.seed))
     num_images = len(outputs["source_id"])
+    for backend in coco_metrics.BACKENDS:  # ground truth loaded before timing, as in training
+        coco_metrics.load_ground_truth(args.annotations, backend)
+
+    stages = time_stages(outputs, label_map, args.annotations, args.repeats)
+    differences, reference = stat_differences(coco_results.detections_to_coco(outputs, label_map),
+                                              args.annotations)
 
     from official.vision.evaluation import coco_evaluator
     mg_evaluator = coco_evaluator.COCOEvaluator(annotation_file=args.annotations,
                                                 include_mask=True)
-    serial = coco_results.ResultConverter(1)
-    start = time.perf_counter()
-    pool = coco_results.ResultConverter(2)
-    pool.convert({k: v[:1] for k, v in outputs.items()}, label_map)  # workers up and warm
-    pool_start = time.perf_counter() - start
-
-    variants = {
-        "ours, 1 process": lambda: run_ours(serial, outputs, label_map, ground_truth),
-        "ours, 2 processes": lambda: run_ours(pool, outputs, label_map, ground_truth),
-        "Model Garden COCOEvaluator": lambda: run_model_garden(mg_evaluator, outputs,
-                                                               label_map),
-    }
-    seconds, aps = {name: [] for name in variants}, {}
+    post = {}
+    for backend in coco_metrics.BACKENDS:
+        for processes in (1, 2):
+            post[backend, processes] = evaluator_lib.PostProcessor(args.annotations, processes,
+                                                                   backend)
+            post[backend, processes].run({k: v[:2] for k, v in outputs.items()})  # warm
+    variants = {f"ours, {backend}, {processes} process{'es' if processes > 1 else ''}":
+                (processes, functools.partial(post[backend, processes].run, outputs))
+                for backend, processes in post}
+    variants["Model Garden COCOEvaluator"] = (1, lambda: run_model_garden(
+        mg_evaluator, outputs, label_map))
+    seconds, aps = collections.defaultdict(list), {}
     for repeat in range(args.repeats):
-        order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
-        for name in order:
-            start = time.perf_counter()
-            metrics = variants[name]()
-            seconds[name].append(time.perf_counter() - start)
-            if name.startswith("ours"):
-                aps[name] = (metrics["bbox"]["AP"], metrics["segm"]["AP"])
-            else:
-                aps[name] = (float(metrics["AP"]), float(metrics["mask_AP"]))
-    pool.close()
+        for busy in (False, True):
+            order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
+            with Burner() if busy else contextlib.nullcontext():
+                for name in order:
+                    start = time.perf_counter()
+                    result = variants[name][1]()
+                    seconds[name, busy].append(time.perf_counter() - start)
+                    if name.startswith("ours"):
+                        aps[name] = (result[0]["bbox"]["AP"], result[0]["segm"]["AP"])
+                    else:
+                        aps[name] = (float(result["AP"]), float(result["mask_AP"]))
+    for p in post.values():
+        p.close()
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"### Eval post-processing (pasting + RLE + COCOeval bbox & segm)\n\n"
+    print(f"### Eval post-processing (boxes, pasting, RLE, COCOeval bbox & segm)\n\n"
           f"Command: `.venv/bin/python benchmarks/bench_eval_postprocess.py "
           f"{' '.join(argv)}`\n\nMachine ({date}): {cpu_model()}, "
           f"{len(os.sched_getaffinity(0))} usable cores, Linux {platform.release()}; Python "
-          f"{platform.python_version()}, pycocotools {package_version('pycocotools')}, numpy "
+          f"{platform.python_version()}, pycocotools {package_version('pycocotools')}, "
+          f"faster-coco-eval {package_version('faster-coco-eval')}, numpy "
           f"{package_version('numpy')}, tf-models-official "
           f"{package_version('tf-models-official')}.\n\n"
           f"Data: coco128, {num_images} images x {args.detections} detections, "
-          f"{args.repeats} interleaved repeats; 2-process pool start-up {pool_start:.1f} s "
-          f"(once per run, not timed below).\n")
-    reference = statistics.median(seconds["Model Garden COCOEvaluator"])
-    print("| variant | s / 1000 images (median) | all repeats (s) | vs Model Garden "
-          "| box AP | mask AP |\n|---|---|---|---|---|---|")
-    for name in variants:
-        median = statistics.median(seconds[name])
-        runs = ", ".join(f"{s:.2f}" for s in seconds[name])
-        print(f"| {name} | {median / num_images * 1000:.1f} | {runs} | "
-              f"{reference / median:.2f}x faster | {aps[name][0]:.4f} | {aps[name][1]:.4f} |")
+          f"{args.repeats} interleaved repeats.\n")
+    print("Stages, one process, idle (ms / image, median):\n\n| stage | ms / image | all repeats "
+          "(ms / image) |\n|---|---:|---|")
+    for stage, values in stages.items():
+        runs = ", ".join(f"{v / num_images * 1000:.2f}" for v in values)
+        print(f"| {stage} | {_median_ms(values, num_images):.2f} | {runs} |")
+    for backend in coco_metrics.BACKENDS:
+        total = sum(_median_ms(stages[s], num_images) for s in STAGES) + sum(
+            _median_ms(stages[f"{t} COCOeval, {backend}"], num_images)
+            for t in coco_metrics.IOU_TYPES)
+        print(f"| **sum, {backend}** | **{total:.2f}** | |")
+    print(f"\nfaster_coco_eval vs pycocotools on these results: max |delta| over the 12 stats: "
+          f"bbox {differences['bbox']:.1e}, segm {differences['segm']:.1e} (box AP "
+          f"{reference['bbox']['AP']:.4f}, mask AP {reference['segm']['AP']:.4f}).\n")
+    peer = statistics.median(seconds["Model Garden COCOEvaluator", False])
+    one = {backend: statistics.median(seconds[f"ours, {backend}, 1 process", False])
+           for backend in coco_metrics.BACKENDS}
+    print("End to end (`PostProcessor.run`; Model Garden: `update_state` + `result()`):\n\n"
+          "| variant | CPU burner | s / 1000 images (median) | ms / image / process | all "
+          "repeats (s) | Model Garden idle / this | speed-up vs 1 process | box AP | mask AP "
+          "|\n|---|---|---:|---:|---|---:|---:|---:|---:|")
+    for name, (processes, _) in variants.items():
+        for busy in (False, True):
+            median = statistics.median(seconds[name, busy])
+            runs = ", ".join(f"{s:.2f}" for s in seconds[name, busy])
+            backend = next((b for b in coco_metrics.BACKENDS if f", {b}," in name), None)
+            speedup = f"{one[backend] / median:.2f}" if backend else ""
+            print(f"| {name} | {'yes' if busy else 'no'} | {median / num_images * 1000:.1f} | "
+                  f"{median * processes / num_images * 1000:.2f} | {runs} | {peer / median:.2f} "
+                  f"| {speedup} | {aps[name][0]:.4f} | {aps[name][1]:.4f} |")
+    fastest = min(statistics.median(seconds[name, False]) * processes / num_images
+                  for name, (processes, _) in variants.items() if name.startswith("ours"))
+    print(f"\nExtrapolation (not a measurement): at the fastest ms / image / process above, "
+          f"val2017's 5000 images over 10 such processes take {fastest * 5000 / 10:.1f} s.")
     return 0
 
 

@@ -23,6 +23,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from official_maskrcnn import runtime
+from official_maskrcnn.data import decode_failures, startup_checks
 from official_maskrcnn.evaluation import coco_metrics
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.training import checkpointing
@@ -61,8 +62,11 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
     model = runtime.build_model(strategy, settings.precision)
     checkpoint = runtime.restore_model_weights(model, candidates)
     builder = runtime.build_eval_dataset(settings.eval_global_batch_size)
-    outputs = evaluator_lib.Evaluator(strategy, model, builder).predict()
-    postprocessor = evaluator_lib.PostProcessor(annotations, settings.eval_processes)
+    startup_checks.check_eval_ground_truth(builder, annotations)
+    with decode_failures.named_decode_failures(builder):
+        outputs = evaluator_lib.Evaluator(strategy, model, builder).predict()
+    postprocessor = evaluator_lib.PostProcessor(annotations, settings.eval_processes,
+                                                settings.coco_backend)
     try:
         metrics, results = postprocessor.run(outputs)
     finally:

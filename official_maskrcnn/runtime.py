@@ -18,7 +18,7 @@ import tf_keras
 from absl import flags
 
 from official_maskrcnn.data import dataset_builder
-from official_maskrcnn.evaluation import coco_eval_callback
+from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.modeling import factory
 from official_maskrcnn.modeling.backbones.checkpoint import BackboneWeightsError
@@ -65,6 +65,8 @@ class RunSettings:
       eval_interval: evaluate every N epochs.
       eval_async: post-process evaluations in the background (one worker only).
       eval_processes: processes pasting masks and encoding RLE.
+      coco_backend: the COCOeval implementation, "pycocotools" (the reference's) or
+        "faster_coco_eval" (the same metrics, C++; `evaluation.coco_metrics`).
       box_target, mask_target: stop when both APs reach them (MLPerf: 0.377, 0.339).
     """
 
@@ -89,6 +91,7 @@ class RunSettings:
     eval_interval: int = 1
     eval_async: bool = False
     eval_processes: int = 1
+    coco_backend: str = "pycocotools"
     box_target: float = coco_eval_callback.BOX_TARGET
     mask_target: float = coco_eval_callback.MASK_TARGET
 
@@ -96,6 +99,9 @@ class RunSettings:
         if self.precision not in PRECISIONS:
             raise ValueError(f"run.precision: expected one of {PRECISIONS}, found "
                              f"{self.precision!r}")
+        if self.coco_backend not in coco_metrics.BACKENDS:
+            raise ValueError(f"run.coco_backend: expected one of {coco_metrics.BACKENDS}, "
+                             f"found {self.coco_backend!r}")
         if self.strategy not in distribution.STRATEGIES:
             raise ValueError(f"run.strategy: expected one of {distribution.STRATEGIES}, found "
                              f"{self.strategy!r}")
@@ -284,7 +290,8 @@ def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream):
     return coco_eval_callback.COCOEvalCallback(
         evaluator_lib.Evaluator(strategy, model,
                                 build_eval_dataset(settings.eval_global_batch_size)),
-        evaluator_lib.PostProcessor(settings.eval_annotations_file, settings.eval_processes),
+        evaluator_lib.PostProcessor(settings.eval_annotations_file, settings.eval_processes,
+                                    settings.coco_backend),
         mlperf=mllog, metrics_path=metrics_path, interval=settings.eval_interval,
         box_target=settings.box_target, mask_target=settings.mask_target,
         asynchronous=settings.eval_async, stream=stream)

@@ -33,7 +33,7 @@ import tf_keras
 from absl import app, flags, logging
 
 from official_maskrcnn import runtime
-from official_maskrcnn.data import dataset_builder
+from official_maskrcnn.data import dataset_builder, decode_failures, startup_checks
 from official_maskrcnn.modeling import summary
 from official_maskrcnn.training import callbacks as callbacks_lib
 from official_maskrcnn.training import checkpointing, distribution
@@ -106,13 +106,16 @@ def _run(context, extra_callbacks):
     loop = _loop_settings(context, train_builder)
     eval_callback = _eval_callback(context, model)
     try:  # from here on every way out, failures included, ends the post-processor's workers
+        _check_inputs(context, model, train_builder, eval_callback)
         log_hyperparameters(context.mllog, optimizer, model, train_builder,
                             eval_callback.evaluator.num_images if eval_callback else 0,
                             context.seed)
         _write_operative_config(context)
         callbacks = _callbacks(context, loop, eval_callback, extra_callbacks)
         trainer = _trainer(context, model, optimizer, train_builder, loop, callbacks)
-        logs = _train(context, trainer, train_builder)
+        with decode_failures.named_decode_failures(
+                train_builder, eval_callback.evaluator.builder if eval_callback else None):
+            logs = _train(context, trainer, train_builder)
     finally:
         if eval_callback:
             eval_callback.postprocessor.close()
@@ -196,6 +199,14 @@ def _eval_callback(context, model):
         context.strategy, model, context.settings, context.mllog,
         os.path.join(context.model_dir, "metrics.jsonl") if context.chief else None,
         stream=sys.stdout if context.chief else None)
+
+
+def _check_inputs(context, model, train_builder, eval_callback):
+    """Data errors that would otherwise surface at the first step or after an epoch."""
+    startup_checks.check_labels(train_builder, model.settings.num_classes)
+    if eval_callback:
+        startup_checks.check_eval_ground_truth(eval_callback.evaluator.builder,
+                                               context.settings.eval_annotations_file)
 
 
 def _write_operative_config(context):

@@ -42,6 +42,9 @@ class RunSettingsTest(tf.test.TestCase):
             runtime.run_settings(precision="float64")
         with self.assertRaisesRegex(ValueError, "run.strategy: .* found 'tpu'"):
             runtime.run_settings(strategy="tpu")
+        with self.assertRaisesRegex(ValueError, "run.coco_backend: .*faster_coco_eval.* found "
+                                    "'fast'"):
+            runtime.run_settings(coco_backend="fast")
 
     def test_mirrored_over_zero_gpus_is_the_default_strategy(self):
         strategy = runtime.build_strategy(runtime.run_settings(strategy="mirrored", num_gpus=0))

@@ -2,13 +2,12 @@
 
 Flow: load the JSON and apply its rules (`coco_index`) -> per image, in worker processes, read the
 image and apply the image and annotation rules (`image_worker`) -> in this process, serialize and
-write the records round-robin into shards (`shard_writer`) -> move the shards into place -> write
-`PREFIX.manifest.json`. Memory holds the JSON index plus a bounded window of images in flight,
-whatever the number of images.
+write the records round-robin into shards (`shard_writer`) -> write `PREFIX.manifest.json` beside
+them, still hidden -> move the shards, then the manifest, into place. Memory holds the JSON index
+plus a bounded window of images in flight, whatever the number of images.
 """
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -43,7 +42,10 @@ def convert(image_dir, annotations_file, output_prefix, num_shards, num_workers,
     experiment on a few real images; the manifest records the limit.
 
     Raises:
-      ConversionError: the input as a whole is unusable (message says what and where).
+      ConversionError: the input as a whole, a flag or the output prefix is unusable (message
+        says what and where); nothing was written.
+      shard_writer.OutputWriteError: writing the output failed (e.g. disk full); the partial
+        output was removed.
     """
     if num_shards < 1:
         raise ConversionError(f"--num_shards must be >= 1, found {num_shards}")
@@ -83,13 +85,12 @@ def convert(image_dir, annotations_file, output_prefix, num_shards, num_workers,
                 written["crowd"] += result.num_crowd
                 written["images_without_annotations"] += result.num_objects == 0
             progress.update(done)
-        shards = writer.commit()
+        shards = writer.close()
+        manifest = build_manifest(index, tally, written, shards, annotations_file, image_dir,
+                                  command_line)
+        manifest["max_images"] = max_images
+        writer.commit(manifest)
     progress.finish()
-
-    manifest = build_manifest(index, tally, written, shards, annotations_file, image_dir,
-                              command_line)
-    manifest["max_images"] = max_images
-    write_json_atomically(shard_writer_lib.manifest_path(writer.prefix), manifest)
     return manifest
 
 
@@ -118,15 +119,6 @@ def build_manifest(index, tally, written, shards, annotations_file, image_dir, c
         "num_shards": len(shards),
         "shards": [dataclasses.asdict(shard) for shard in shards],
     }
-
-
-def write_json_atomically(path, payload):
-    """Writes JSON to `path` via a temporary file and a rename, so readers never see half."""
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    with open(tmp_path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp_path, path)
 
 
 def summary_lines(manifest):

@@ -8,9 +8,10 @@ r"""Converts a COCO instances dataset into sharded TFRecords for Mask R-CNN.
 Writes PREFIX-00000-of-00256.tfrecord ... (one tf.train.Example per image, layout in
 `tfrecord_tools.features`) and PREFIX.manifest.json (counts, skips and conversions by reason, the
 label map, each shard's record count and sha256). The rules for bad input are in `coco_index`,
-`image_codec` and `annotation_rules`; the README lists them. Exit codes: 0 success, 2 the input
-or the flags are unusable (one message on stderr, nothing written), 130 interrupted by Ctrl-C or
-SIGTERM (the partial output is removed).
+`image_codec` and `annotation_rules`; the README lists them. Exit codes: 0 success, 1 writing the
+output failed, e.g. disk full (one message naming the file; the partial output is removed), 2 the
+input, the flags or the output prefix are unusable (one message on stderr, nothing written), 130
+interrupted by Ctrl-C or SIGTERM (the partial output is removed).
 """
 
 import argparse
@@ -43,6 +44,7 @@ def main(argv=None):
     # they must not pay for (or hold memory of) TensorFlow, which only the writer needs.
     from tfrecord_tools import conversion
     from tfrecord_tools.coco_index import ConversionError
+    from tfrecord_tools.shard_writer import OutputWriteError
 
     # A SIGTERM (a scheduler's preemption, `kill`) cleans up like Ctrl-C instead of leaving the
     # temporary folder behind.
@@ -56,6 +58,10 @@ def main(argv=None):
     except ConversionError as e:
         print(f"create_coco_tfrecord: error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:
+        print(f"create_coco_tfrecord: error: {e}; the partial output was removed, no shard was "
+              "written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ncreate_coco_tfrecord: interrupted; the partial output was removed, no shard was "
               "written", file=sys.stderr)

@@ -18,19 +18,19 @@ PNG_ZLIB_STRATEGY_RLE = 3  # zlib's Z_RLE
 
 
 def segmentation_to_rle(segmentation, height, width):
-    """A cleaned COCO segmentation (polygon list or RLE dict) -> one compressed RLE.
+    """A cleaned COCO segmentation -> one compressed RLE (pycocotools' own encoding).
 
-    Same reading as pycocotools' `COCO.annToRLE`: polygon parts are merged into one region,
-    uncompressed RLE is compressed, compressed RLE is used as is.
+    Takes what `annotation_rules.clean_annotation` returns: a polygon list, whose parts are merged
+    into one region as pycocotools' `COCO.annToRLE` does, or an RLE whose counts the rules have
+    decoded into a checked list of run lengths, which pycocotools compresses. (A compressed string
+    straight from the JSON never reaches pycocotools' decoder, which does not check it.)
     """
     if isinstance(segmentation, list):
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation["counts"], list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    rle = dict(segmentation)
-    if isinstance(rle["counts"], str):
-        rle["counts"] = rle["counts"].encode("ascii")
-    return rle
+    if not isinstance(segmentation.get("counts"), list):
+        raise ValueError("expected the run lengths checked by annotation_rules.checked_rle, found "
+                         f"counts of type {type(segmentation.get('counts')).__name__}")
+    return mask_utils.frPyObjects(segmentation, height, width)
 
 
 def rasterize(segmentation, height, width):

@@ -53,7 +53,8 @@ ANNOTATION_SKIP_REASONS = {
     ANNOTATION_DUPLICATE_ID: "an earlier annotation has the same id (the first one is kept)",
     ANNOTATION_BBOX_MALFORMED: "bbox is not 4 finite numbers",
     ANNOTATION_BOX_DEGENERATE: "box has no area once clipped to the image",
-    ANNOTATION_SEGMENTATION_INVALID: "no polygon of >= 3 points, or no valid RLE of the image size",
+    ANNOTATION_SEGMENTATION_INVALID: ("no polygon of >= 3 points, or an RLE that is malformed or "
+                                      "does not cover exactly the image"),
     ANNOTATION_MASK_EMPTY: "segmentation rasterises to an empty mask",
 }
 CONVERSION_REASONS = {

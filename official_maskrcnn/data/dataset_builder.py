@@ -33,7 +33,10 @@ pipeline (`epoch_plan`):
     `scan` (no decoding), so that `start_batch` skips whole raw batches before any JPEG/PNG
     decode or resize: resuming costs reading (not decoding) the skipped records.
 
-Bad input fails at startup (`records.check_files`): `InputError` naming the file.
+Bad input fails at startup: `InputError` naming the file (`records.check_files`), or the record
+(`records.scan_records`: truncated or damaged files, bad JPEG headers); the entries add
+`startup_checks` (labels vs the model, eval records vs the ground truth) and name the record of
+an image that fails to decode later (`decode_failures`).
 """
 
 import gin
@@ -82,6 +85,7 @@ class DatasetBuilder:
                  flip_probability=0.5, max_instances=100, mask_size=112, include_masks=True,
                  legacy_plus_one=True, shuffle_buffer=1024, seed=None, deterministic=True,
                  cache=False, repeat=True, cycle_length=8):
+        self.file_pattern = file_pattern
         self.files = records.resolve_files(file_pattern)
         self.is_training = is_training
         self.global_batch_size = global_batch_size

@@ -71,6 +71,19 @@ def decode_image(encoded_image):
     return tf.ensure_shape(image, [None, None, 3])
 
 
+def jpeg_header_size(encoded_image):
+    """[2] int32 (height, width) from the JPEG header alone: no pixel is decoded.
+
+    Raises InvalidArgumentError when the bytes are not a JPEG (the 3-byte magic `decode_jpeg`
+    checks first) or the header does not parse. A damaged body after a good header passes: only
+    decoding finds it (`decode_failures`).
+    """
+    is_jpeg = tf.debugging.assert_equal(tf.io.is_jpeg(encoded_image), True,
+                                        message="image/encoded is not a JPEG")
+    with tf.control_dependencies([is_jpeg]):
+        return tf.image.extract_jpeg_shape(encoded_image)[:2]
+
+
 def decode_masks(masks_png, height, width):
     """[N] PNG strings -> [N, H, W] uint8 masks of 0/1 (any value > 0 is the object)."""
     def decode_one(png):

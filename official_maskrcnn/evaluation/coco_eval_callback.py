@@ -126,7 +126,8 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
                               "postprocess": metrics.get("seconds", {}),
                               "since_start": seconds,
                               "training_stall": self._stall.get(epoch_num)},
-                  "asynchronous": self.asynchronous}
+                  "asynchronous": self.asynchronous,
+                  "coco_backend": metrics.get("coco_backend")}
         self.history.append((epoch_num, metrics))
         if self.metrics_path:
             with open(self.metrics_path, "a") as f:

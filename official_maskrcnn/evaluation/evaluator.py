@@ -9,6 +9,7 @@ once or in the background (`submit` returns a future).
 """
 
 import concurrent.futures
+import functools
 import time
 
 import numpy as np
@@ -93,13 +94,28 @@ class Evaluator:
         return outputs
 
 
-def _postprocess(converter, outputs, label_to_category, annotations_file, image_ids):
-    """Outputs -> COCO results (pasting in the converter's processes) -> metrics."""
+def _postprocess(converter, outputs, label_to_category, annotations_file, image_ids, backend):
+    """Outputs -> COCO results (pasting in the converter's processes) -> metrics.
+
+    With worker processes, the segm evaluation (the slower one) runs in a worker while this
+    process scores the boxes.
+    """
     start = time.perf_counter()
     results = converter.convert(outputs, label_to_category)
     convert_seconds = time.perf_counter() - start
-    metrics = coco_metrics.evaluate(annotations_file, results, image_ids=image_ids)
+    evaluate = functools.partial(coco_metrics.evaluate, annotations_file, results,
+                                 image_ids=image_ids, backend=backend)
+    if converter.num_processes > 1 and results:
+        segm = converter.submit(coco_metrics.evaluate, annotations_file, results, image_ids,
+                                ("segm",), backend)
+        metrics = evaluate(iou_types=("bbox",))
+        segm = segm.result()
+        metrics["segm"] = segm["segm"]
+        metrics["summary_text"] += segm["summary_text"]
+    else:
+        metrics = evaluate()
     metrics["seconds"] = {"convert": convert_seconds, "total": time.perf_counter() - start}
+    metrics["coco_backend"] = backend
     return metrics, results
 
 
@@ -107,17 +123,21 @@ class PostProcessor:
     """COCO results and metrics from gathered outputs, now or in the background.
 
     The background work runs in one thread of this process; its heavy part, pasting masks and
-    encoding RLE, runs in `num_processes` worker processes that live as long as this object.
+    encoding RLE, runs in `num_processes` worker processes that live as long as this object, and
+    with two or more of them the segm COCOeval runs in a worker beside the bbox one.
 
     Args:
       annotations_file: the COCO annotation JSON of the eval split (its categories give the
         label map, as the converter built it).
       num_processes: processes pasting masks and encoding RLE (1: in this process).
+      backend: the COCOeval implementation, one of `coco_metrics.BACKENDS`.
     """
 
-    def __init__(self, annotations_file, num_processes=1):
+    def __init__(self, annotations_file, num_processes=1, backend="pycocotools"):
+        coco_metrics.check_backend(backend)
         self.annotations_file = annotations_file
-        ground_truth = coco_metrics.load_ground_truth(annotations_file)
+        self.backend = backend
+        ground_truth = coco_metrics.load_ground_truth(annotations_file, backend)
         self.label_to_category = coco_results.label_to_category_id(
             ground_truth.loadCats(ground_truth.getCatIds()))
         self._converter = coco_results.ResultConverter(num_processes)
@@ -128,7 +148,8 @@ class PostProcessor:
         (metrics, results)."""
         image_ids = sorted(int(i) for i in outputs["source_id"])
         return self._background.submit(_postprocess, self._converter, outputs,
-                                       self.label_to_category, self.annotations_file, image_ids)
+                                       self.label_to_category, self.annotations_file, image_ids,
+                                       self.backend)
 
     def run(self, outputs):
         """Post-processes now: (metrics, results)."""

@@ -76,6 +76,94 @@ class AnnotationRulesTest(tf.test.TestCase):
         self.assertEqual((clean.is_crowd, clean.area), (1, None))
 
 
+def _compressed(mask):
+    """uint8 mask [h, w] -> COCO compressed RLE as JSON holds it (counts a str)."""
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def _runs(mask):
+    """uint8 mask [h, w] -> column-major run lengths starting with background, by numpy alone."""
+    flat = mask.flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0] + runs if flat[0] else runs
+
+
+class RleRulesTest(tf.test.TestCase):
+    """RLE is checked once, in the rules; anything not covering exactly the image is skipped."""
+
+    def clean_rle(self, rle):
+        annotation = {"id": 7, "image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 20],
+                      "area": 400.0, "iscrowd": 1, "segmentation": rle}
+        tally = T.Tally()
+        return annotation_rules.clean_annotation(annotation, 48, 64, tally), tally
+
+    def assert_skipped(self, rle):
+        clean, tally = self.clean_rle(rle)
+        self.assertIsNone(clean, rle)
+        self.assertEqual(dict(tally.counts), {T.ANNOTATION_SEGMENTATION_INVALID: 1}, rle)
+        self.assertEqual(tally.example_ids[T.ANNOTATION_SEGMENTATION_INVALID], [7])
+
+    def test_string_decoder_matches_pycocotools_encoder(self):
+        rng = np.random.default_rng(0)
+        cases = [np.zeros((48, 64), np.uint8), np.ones((48, 64), np.uint8),
+                 (rng.random((48, 64)) < 0.5).astype(np.uint8),  # many short runs
+                 (rng.random((300, 200)) < 0.002).astype(np.uint8)]  # long runs, big deltas
+        first_pixel_set = np.zeros((48, 64), np.uint8)
+        first_pixel_set[0, 0] = 1
+        cases.append(first_pixel_set)
+        for mask in cases:
+            counts = _compressed(mask)["counts"]
+            self.assertEqual(annotation_rules.rle_counts_from_string(counts), _runs(mask))
+        # By hand: '0' -> 0; 'T' (36 = more | 4) then '3' (3 << 5 = 96) -> 100.
+        self.assertEqual(annotation_rules.rle_counts_from_string("0T3"), [0, 100])
+
+    def test_valid_rle_is_kept_as_run_lengths(self):
+        mask = np.zeros((48, 64), np.uint8)
+        mask[5:15, 30:50] = 1
+        for rle in (_compressed(mask), {"size": [48, 64], "counts": _runs(mask)},
+                    {"size": [48, 64], "counts": _compressed(mask)["counts"].encode()}):
+            clean, tally = self.clean_rle(rle)
+            self.assertEqual(dict(tally.counts), {})
+            self.assertEqual(clean.segmentation, {"size": [48, 64], "counts": _runs(mask)})
+            self.assertAllEqual(masks.rasterize(clean.segmentation, 48, 64), mask)
+
+    def test_compressed_rle_of_another_size_is_skipped(self):
+        # A valid 10x10 string claiming the image size: pycocotools decodes it into a 48x64
+        # buffer it never fully writes, i.e. uninitialised memory.
+        ten_by_ten = _compressed(np.ones((10, 10), np.uint8))["counts"]
+        self.assert_skipped({"size": [48, 64], "counts": ten_by_ten})
+
+    def test_compressed_runs_must_cover_the_image_exactly(self):
+        full = _compressed(np.ones((48, 64), np.uint8))["counts"]
+        short = _compressed(np.ones((47, 64), np.uint8))["counts"]
+        longer = _compressed(np.ones((49, 64), np.uint8))["counts"]
+        self.assertTrue(self.clean_rle({"size": [48, 64], "counts": full})[0])
+        for counts in (short, longer, ""):
+            self.assert_skipped({"size": [48, 64], "counts": counts})
+
+    def test_malformed_compressed_strings_are_skipped(self):
+        mask = np.zeros((48, 64), np.uint8)
+        mask[5:15, 30:50] = 1
+        good = _compressed(mask)["counts"]
+        for counts in ("!!!", good + " ", good[:3] + "\x7f" + good[3:], "0T",  # bad char, cut
+                       good[:-1],  # truncated: loses the last group of the last run
+                       "hm2M[2",  # runs [3000, -3, 75]: they sum to 48 * 64, one is negative
+                       "\u00e9" + good, b"\xff" + good.encode()):
+            self.assert_skipped({"size": [48, 64], "counts": counts})
+
+    def test_uncompressed_counts_rules(self):
+        for counts in ([3071], [3073], [-1, 3073], [1.5, 3070.5], [True, 3071], ["3072"], [],
+                       None, 3072, {"counts": [3072]}):
+            self.assert_skipped({"size": [48, 64], "counts": counts})
+
+    def test_size_must_be_the_images_height_and_width(self):
+        for size in ([64, 48], [48, 64, 1], [48.0, 64.0], [True, 64], "48x64", None):
+            self.assert_skipped({"size": size, "counts": [3072]})
+        self.assert_skipped({"counts": [3072]})
+
+
 class MasksTest(tf.test.TestCase):
 
     def test_polygon_rle_and_png_round_trip(self):

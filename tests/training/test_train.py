@@ -28,6 +28,7 @@ from official_maskrcnn.training import checkpointing, mlperf_compliance, model_d
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
 from tests import synthetic_records
+from tests.data import damaged_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(REPO, "configs", "smoke_cpu.gin")
@@ -166,13 +167,19 @@ class TrainEntryTest(tf.test.TestCase):
             with open(os.path.join(sync_dir, "metrics.jsonl")) as f:
                 type(self).sync_metrics = [json.loads(line) for line in f]
         model_dir = os.path.join(self.create_tempdir().full_path, "model")
-        _, out = self.run_smoke(model_dir, "run.eval_async = True", "run.eval_processes = 2")
+        # Also the fast COCOeval back end, with segm scored in a worker process.
+        _, out = self.run_smoke(model_dir, "run.eval_async = True", "run.eval_processes = 2",
+                                "run.coco_backend = 'faster_coco_eval'")
         with open(os.path.join(model_dir, "metrics.jsonl")) as f:
             lines = [json.loads(line) for line in f]
         self.assertEqual([line["epoch"] for line in lines], [1, 2])
         self.assertTrue(all(line["asynchronous"] for line in lines))
+        self.assertEqual([line["coco_backend"] for line in lines], ["faster_coco_eval"] * 2)
+        self.assertEqual({line["coco_backend"] for line in type(self).sync_metrics},
+                         {"pycocotools"})
         for sync, async_ in zip(type(self).sync_metrics, lines):
-            self.assertEqual((sync["bbox"], sync["segm"]), (async_["bbox"], async_["segm"]))
+            for iou_type in ("bbox", "segm"):  # the back ends agree to float64 rounding
+                self.assertAllClose(sync[iou_type], async_[iou_type], rtol=0, atol=1e-12)
         result = mlperf_compliance.check_compliance(os.path.join(model_dir, "mlperf.log"))
         self.assertEqual(result.failures_excluding({"eval_accuracy"}), [])
 
@@ -280,6 +287,56 @@ class TrainEntryTest(tf.test.TestCase):
             self.assertRegex(stderr.getvalue(), f"^error: {re.escape(missing)}: checkpoint does "
                                                 f"not match the backbone")
             self.assertNotIn("Traceback", stderr.getvalue())
+
+    def run_entry(self, entry, model_dir, bindings):
+        """Runs `entry.main` on the smoke config; returns (exit code, stderr)."""
+        gin.clear_config()
+        stderr = io.StringIO()
+        with flagsaver.flagsaver(gin_file=[SMOKE], gin_param=self.data_bindings + bindings,
+                                 model_dir=model_dir, checkpoint=None), \
+                contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()), \
+                self.assertRaises(SystemExit) as raised:
+            entry.main([entry.__name__])
+        return raised.exception.code, stderr.getvalue()
+
+    def test_bad_data_is_one_error_line_with_exit_1_before_training(self):
+        # Labels 1..3 of the smoke data against a model of 2 foreground classes: without the
+        # check, a raw gather error at the first step (issue 15, item 5).
+        model_dir = self.create_tempdir().full_path
+        code, stderr = self.run_entry(train, model_dir, [NO_EVAL,
+                                                         "build_maskrcnn_model.num_classes = 3"])
+        self.assertEqual(code, 1)
+        self.assertRegex(stderr, r"^error: \S+train-0000\d-of-00002.tfrecord: record \d+ "
+                                 r"\(source id \d+\): class label 3, but the model has "
+                                 r"num_classes=3")
+        self.assertNotIn("Traceback", stderr)
+        self.assertEmpty(tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*")))
+        # The train split's JSON as the eval ground truth: the same ids 1..16, other sizes;
+        # without the check, scored silently after an epoch.
+        val_json = self.data_bindings[2].split("'")[1]
+        train_json = val_json.replace("instances_val", "instances_train")
+        code, stderr = self.run_entry(train, model_dir,
+                                      [f"run.eval_annotations_file = '{train_json}'"])
+        self.assertEqual(code, 1)
+        self.assertRegex(stderr, f"^error: eval records \\S+val-\\* \\(16 records\\) and "
+                                 f"{re.escape(train_json)} \\(16 images\\) disagree: \\d+ "
+                                 f"image\\(s\\) have another \\(height, width\\)")
+        self.assertNotIn("Traceback", stderr)
+        self.assertEmpty(tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*")))
+
+    def test_an_image_that_fails_to_decode_mid_epoch_is_named_with_exit_1(self):
+        model_dir = self.create_tempdir().full_path
+        pattern = self.data_bindings[0].split("'")[1]
+        damaged = damaged_records.rewrite(pattern, self.create_tempdir().full_path,
+                                          damaged_records.edit_image(
+                                              3, damaged_records.body_truncated))
+        code, stderr = self.run_entry(train, model_dir, [
+            NO_EVAL, f"train/DatasetBuilder.file_pattern = '{damaged}'"])
+        self.assertEqual(code, 1)
+        self.assertRegex(stderr, r"^error: \S+train-00000-of-00002.tfrecord: record 3 \(source "
+                                 r"id \d+\): its image or masks do not decode \(.*JPEG")
+        self.assertNotIn("Traceback", stderr)
+        self.assertTrue(tf.io.gfile.exists(os.path.join(model_dir, "mlperf.log")))
 
 
 class ConcurrentRunTest(tf.test.TestCase):

@@ -1,0 +1,165 @@
+"""The faster_coco_eval back end gives pycocotools' 12 bbox and 12 segm stats (to 1e-12) on real
+coco128 results and on hard cases; pycocotools stays the reference here."""
+
+import copy
+
+import numpy as np
+import tensorflow as tf
+from pycocotools import coco as coco_lib
+from pycocotools import mask as mask_util
+
+from official_maskrcnn.evaluation import coco_metrics
+from official_maskrcnn.evaluation import evaluator as evaluator_lib
+from tests.evaluation.test_coco_metrics import gt_as_outputs, perturbed_results
+from tests.evaluation.test_coco_results import COCO128_JSON, TENSORFLOW_LOADED
+
+# A C++ COCOeval sums precisions in another order than numpy: a few float64 ulps of stats <= 1.
+TOLERANCE = 1e-12
+
+
+def _shifted_rle(ground_truth, ann, dx, dy):
+    """The annotation's mask moved by (dx, dy) pixels, as a result RLE ('counts' as str)."""
+    mask = np.roll(ground_truth.annToMask(ann), (dy, dx), axis=(0, 1))
+    rle = mask_util.encode(np.asfortranarray(mask))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+class BackendEqualityTest(tf.test.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.ground_truth = coco_metrics.load_ground_truth(COCO128_JSON)
+        cls.image_ids = sorted(cls.ground_truth.getImgIds())
+
+    def assert_same_stats(self, results, image_ids=None):
+        reference = coco_metrics.evaluate(COCO128_JSON, results, image_ids=image_ids)
+        fast = coco_metrics.evaluate(COCO128_JSON, results, image_ids=image_ids,
+                                     backend="faster_coco_eval")
+        for iou_type in coco_metrics.IOU_TYPES:
+            for name in coco_metrics.STAT_NAMES:
+                self.assertAllClose(fast[iou_type][name], reference[iou_type][name], rtol=0,
+                                    atol=TOLERANCE, msg=f"{iou_type} {name}")
+        self.assertEqual(fast["summary_text"],
+                         coco_metrics.format_stats_table(reference))
+        return reference
+
+    def test_coco128_round_trip(self):
+        image_ids = self.image_ids[:32]
+        reference = self.assert_same_stats(
+            perturbed_results(self.ground_truth, image_ids, seed=3), image_ids)
+        self.assertBetween(reference["bbox"]["AP"], 0.1, 0.95)  # a real, non-trivial score
+        self.assertBetween(reference["segm"]["AP"], 0.1, 0.95)
+
+    def _results(self, rng, scores):
+        """One result per non-crowd annotation (jittered box, shifted mask), given scores."""
+        results = []
+        anns = [a for a in self.ground_truth.dataset["annotations"] if not a["iscrowd"]]
+        for ann, score in zip(anns, scores):
+            x, y, w, h = ann["bbox"]
+            dx, dy = (int(v) for v in rng.integers(-3, 4, 2))
+            results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                            "bbox": [x + dx, y + dy, w * rng.uniform(0.9, 1.1), h],
+                            "score": float(score),
+                            "segmentation": _shifted_rle(self.ground_truth, ann, dx, dy)})
+        return results
+
+    def test_many_exact_score_ties(self):
+        rng = np.random.default_rng(0)
+        # Four distinct scores over ~900 detections: matching order decides among equals.
+        scores = rng.choice([0.25, 0.5, 0.75, 1.0], 2000)
+        self.assert_same_stats(self._results(rng, scores))
+
+    def test_detections_aimed_at_crowd_regions(self):
+        rng = np.random.default_rng(1)
+        crowds = [a for a in self.ground_truth.dataset["annotations"] if a["iscrowd"]]
+        self.assertNotEmpty(crowds)  # coco128 has crowd annotations
+        results = self._results(rng, rng.random(2000))
+        for ann in crowds:
+            for k in range(3):  # several detections inside each crowd region
+                x, y, w, h = ann["bbox"]
+                rle = mask_util.frPyObjects(ann["segmentation"], *ann["segmentation"]["size"]) \
+                    if isinstance(ann["segmentation"]["counts"], list) else ann["segmentation"]
+                rle = dict(rle, counts=rle["counts"].decode("ascii")
+                           if isinstance(rle["counts"], bytes) else rle["counts"])
+                results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                                "bbox": [x + k, y, w / (k + 1), h], "score": 0.9 - 0.1 * k,
+                                "segmentation": rle})
+        self.assert_same_stats(results)
+
+    def test_two_hundred_detections_of_one_category_in_an_image(self):
+        rng = np.random.default_rng(2)
+        image_id = max(self.image_ids, key=lambda i: len(self.ground_truth.imgToAnns[i]))
+        ann = self.ground_truth.imgToAnns[image_id][0]
+        info = self.ground_truth.imgs[image_id]
+        results = []
+        for k in range(200):  # more than maxDets = 100: which 100 are kept must agree
+            dx, dy = (int(v) for v in rng.integers(-20, 21, 2))
+            x, y, w, h = ann["bbox"]
+            results.append({"image_id": image_id, "category_id": ann["category_id"],
+                            "bbox": [min(max(x + dx, 0), info["width"] - 1), y + dy, w, h],
+                            "score": float(rng.choice([0.3, 0.6, 0.9])),
+                            "segmentation": _shifted_rle(self.ground_truth, ann, dx, dy)})
+        self.assert_same_stats(results, image_ids=[image_id])
+        self.assert_same_stats(results)
+
+    def test_ground_truth_object_is_not_modified(self):
+        # A pycocotools COCO handed to the fast back end is copied: it writes into annotations.
+        ground_truth = coco_lib.COCO()
+        ground_truth.dataset = copy.deepcopy(self.ground_truth.dataset)
+        ground_truth.createIndex()
+        before = copy.deepcopy(ground_truth.dataset)
+        results = perturbed_results(self.ground_truth, self.image_ids[:8], seed=4)
+        fast = coco_metrics.evaluate(ground_truth, results, image_ids=self.image_ids[:8],
+                                     backend="faster_coco_eval")
+        self.assertEqual(ground_truth.dataset, before)
+        reference = coco_metrics.evaluate(ground_truth, results, image_ids=self.image_ids[:8])
+        self.assertAllClose(fast["segm"]["AP"], reference["segm"]["AP"], atol=TOLERANCE)
+
+    def test_empty_results_and_unknown_backend(self):
+        fast = coco_metrics.evaluate(COCO128_JSON, [], backend="faster_coco_eval")
+        self.assertEqual(fast["bbox"], dict.fromkeys(coco_metrics.STAT_NAMES, 0.0))
+        with self.assertRaisesRegex(ValueError, r"coco backend 'detectron'.*pycocotools"):
+            coco_metrics.evaluate(COCO128_JSON, [], backend="detectron")
+        with self.assertRaisesRegex(ValueError, r"coco backend 'fast'"):
+            coco_metrics.load_ground_truth(COCO128_JSON, backend="fast")
+
+
+class PostProcessorBackendTest(tf.test.TestCase):
+    """The post-processor in one process and in two (segm scored in a worker), each back end."""
+
+    def test_same_metrics_and_results_in_one_and_two_processes(self):
+        ground_truth = coco_metrics.load_ground_truth(COCO128_JSON)
+        image_ids = sorted(ground_truth.getImgIds())[:12]
+        outputs = gt_as_outputs(ground_truth, image_ids)
+        runs = {}
+        for backend in coco_metrics.BACKENDS:
+            for processes in (1, 2):
+                post = evaluator_lib.PostProcessor(COCO128_JSON, processes, backend)
+                try:
+                    metrics, results = post.run(outputs)
+                    if processes == 2:  # scoring segm did not pull TensorFlow into a worker
+                        self.assertFalse(post._converter.submit(eval, TENSORFLOW_LOADED).result())
+                finally:
+                    post.close()
+                self.assertEqual(metrics["coco_backend"], backend)
+                runs[backend, processes] = metrics, results
+        reference, reference_results = runs["pycocotools", 1]
+        self.assertGreater(reference["segm"]["AP"], 0.5)  # ground truth as detections
+        for key, (metrics, results) in runs.items():
+            self.assertEqual(results, reference_results, msg=str(key))
+            self.assertEqual(coco_metrics.format_stats_table(metrics),
+                             coco_metrics.format_stats_table(reference), msg=str(key))
+            for iou_type in coco_metrics.IOU_TYPES:
+                for name in coco_metrics.STAT_NAMES:
+                    self.assertAllClose(metrics[iou_type][name], reference[iou_type][name],
+                                        rtol=0, atol=TOLERANCE, msg=f"{key} {iou_type} {name}")
+
+    def test_unknown_backend_is_refused_before_any_work(self):
+        with self.assertRaisesRegex(ValueError, r"coco backend 'cocoapi'"):
+            evaluator_lib.PostProcessor(COCO128_JSON, 1, "cocoapi")
+
+
+if __name__ == "__main__":
+    tf.test.main()
