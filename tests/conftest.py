@@ -6,6 +6,13 @@ from absl import flags
 # tf.test.TestCase helpers (create_tempdir, ...) read absl flags; under pytest nobody parses them.
 flags.FLAGS.mark_as_parsed()
 
+# One op at a time: with TensorFlow's default inter-op parallelism, two identical smoke runs
+# gave different weights on an Intel Xeon with AMX (sum|w| apart by ~1e-7 relative; neither
+# oneDNN off, intra-op 1 nor op determinism alone removed it), while with one inter-op thread
+# they are bit-identical. The tests that compare a resumed run with an uninterrupted one, and the
+# async with the sync evaluation, need the same weights from the same seed.
+tf.config.threading.set_inter_op_parallelism_threads(1)
+
 # Two logical CPU devices, so that tests can run two replicas (MirroredStrategy) on one CPU.
 # This must happen before TensorFlow initialises its devices, i.e. before any test runs an op.
 _cpu = tf.config.list_physical_devices("CPU")[0]
