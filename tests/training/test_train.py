@@ -62,6 +62,35 @@ def printed_losses(output):
             for line in loss_lines(output)]
 
 
+def mlperf_events(model_dir):
+    with open(os.path.join(model_dir, "mlperf.log")) as f:
+        return [json.loads(line.split(":::MLLOG ", 1)[1]) for line in f]
+
+
+def metrics_lines(model_dir):
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# The train entry, whose evaluation number $STALL_EVAL (1-based; unset: none) writes the file
+# $STALL_MARKER when its inference starts and then hangs, for the test to kill it there.
+STALLING_TRAIN = r"""
+import os, time
+from absl import app
+from official_maskrcnn import train
+from official_maskrcnn.evaluation import evaluator
+predict, calls = evaluator.Evaluator.predict, []
+def stalling_predict(self):
+    calls.append(None)
+    if str(len(calls)) == os.environ.get("STALL_EVAL"):
+        open(os.environ["STALL_MARKER"], "w").close()
+        time.sleep(3600)
+    return predict(self)
+evaluator.Evaluator.predict = stalling_predict
+app.run(train.main)
+"""
+
+
 class SigtermAt(tf_keras.callbacks.Callback):
     """Sends this process a real SIGTERM once `step` steps are done."""
 
@@ -125,7 +154,8 @@ class TrainEntryTest(tf.test.TestCase):
             by_key.setdefault(event["key"], []).append(event)
         run_ids = {event["metadata"]["run_id"] for event in events}  # every line carries it
         self.assertLen(run_ids, 1)
-        self.assertRegex(run_ids.pop(), r"^[0-9a-f]{32}$")
+        run_id = run_ids.pop()
+        self.assertRegex(run_id, r"^[0-9a-f]{32}$")
         self.assertEqual([e["metadata"]["epoch_num"] for e in by_key["epoch_start"]], [1, 2])
         self.assertEqual(by_key["train_samples"][0]["value"], 15)  # one image is crowd-only
         self.assertEqual(by_key["num_image_candidates"][0]["value"], 1000)
@@ -141,6 +171,7 @@ class TrainEntryTest(tf.test.TestCase):
         with open(os.path.join(model_dir, "metrics.jsonl")) as f:
             lines = [json.loads(line) for line in f]
         self.assertEqual([line["epoch"] for line in lines], [1, 2])
+        self.assertEqual([line["run_id"] for line in lines], [run_id, run_id])
         self.assertLen(lines[0]["bbox"], 12)
         self.assertLen(lines[0]["segm"], 12)
         self.assertIn("eval after epoch 2: box AP", out)
@@ -196,6 +227,58 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertIn("resumed from", out)
         self.assertIn("(step 6)", out)
         self.assertEqual(fingerprint(out), uninterrupted)
+
+    def test_a_run_killed_in_its_last_evaluation_redoes_it_on_resume(self):
+        if not hasattr(type(self), "sync_metrics"):  # the uninterrupted run, same seed
+            sync_dir = os.path.join(self.create_tempdir().full_path, "sync")
+            self.run_smoke(sync_dir)
+            type(self).sync_metrics = metrics_lines(sync_dir)
+        root = self.create_tempdir().full_path
+        model_dir = os.path.join(root, "model")
+        marker = os.path.join(root, "stalled")
+        command = [sys.executable, "-c", STALLING_TRAIN, "--gin_file", SMOKE,
+                   "--model_dir", model_dir,
+                   *[arg for binding in self.data_bindings for arg in ("--gin_param", binding)]]
+        env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", STALL_MARKER=marker)
+        killed = subprocess.Popen(command, cwd=root, env=dict(env, STALL_EVAL="2"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: killed.poll() is None and killed.kill())
+        deadline = time.time() + 600
+        while not os.path.exists(marker) and killed.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        self.assertIsNone(killed.poll(), "the run ended before its last evaluation")
+        killed.send_signal(signal.SIGKILL)  # no handler, no save: as a lost node
+        killed.communicate(timeout=60)
+        first_events = mlperf_events(model_dir)
+        self.assertEqual([(e["key"], e["metadata"].get("epoch_num")) for e in first_events
+                          if e["key"].startswith("eval_")][-1], ("eval_start", 2))
+        self.assertNotIn("run_stop", [e["key"] for e in first_events])
+        self.assertEqual([line["epoch"] for line in metrics_lines(model_dir)], [1])
+        self.assertTrue(os.path.exists(os.path.join(model_dir, "ckpt-16.index")))
+
+        resumed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
+                                 timeout=600)
+        self.assertEqual(resumed.returncode, 0, resumed.stdout[-3000:] + resumed.stderr[-3000:])
+        self.assertIn("(step 16)", resumed.stdout)
+        lines = metrics_lines(model_dir)
+        self.assertEqual([line["epoch"] for line in lines], [1, 2])
+        for uninterrupted, line in zip(type(self).sync_metrics, lines):
+            self.assertEqual((line["bbox"], line["segm"]),
+                             (uninterrupted["bbox"], uninterrupted["segm"]))
+        events = mlperf_events(model_dir)[len(first_events):]  # the resumed run's lines
+        keys = [(e["key"], e["metadata"].get("epoch_num")) for e in events]
+        self.assertEqual([k for k in keys if k[0].startswith(("eval_", "epoch_"))],
+                         [("eval_start", 2), ("eval_accuracy", 2), ("eval_stop", 2)])
+        self.assertEqual(keys[-1][0], "run_stop")
+        self.assertEqual(events[-1]["metadata"]["status"], "aborted")  # as uninterrupted
+        accuracy = [e["value"] for e in events if e["key"] == "eval_accuracy"]
+        self.assertEqual(accuracy, [{"BBOX": lines[1]["bbox"]["AP"],
+                                     "SEGM": lines[1]["segm"]["AP"]}])
+        # Each metrics line carries the id of the run that logged it.
+        first_id, = {e["metadata"]["run_id"] for e in first_events}
+        resumed_id, = {e["metadata"]["run_id"] for e in events}
+        self.assertNotEqual(first_id, resumed_id)
+        self.assertEqual([line["run_id"] for line in lines], [first_id, resumed_id])
 
     def test_a_deleted_state_file_resumes_from_the_checkpoint_files(self):
         model_dir = os.path.join(self.create_tempdir().full_path, "model")
@@ -323,6 +406,31 @@ class TrainEntryTest(tf.test.TestCase):
                                  f"image\\(s\\) have another \\(height, width\\)")
         self.assertNotIn("Traceback", stderr)
         self.assertEmpty(tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*")))
+
+    def test_a_missing_eval_annotations_file_is_one_error_line_before_anything_is_written(
+            self):
+        model_dir = os.path.join(self.create_tempdir().full_path, "model")
+        missing = os.path.join(self.tmp, "no_such_instances_val.json")
+        code, stderr = self.run_entry(train, model_dir,
+                                      [f"run.eval_annotations_file = '{missing}'"])
+        self.assertEqual(code, 1)
+        self.assertEqual([line for line in stderr.splitlines() if line.startswith("error:")],
+                         [f"error: ground-truth annotations file not found: {missing}"])
+        self.assertNotIn("Traceback", stderr)
+        self.assertFalse(os.path.exists(model_dir))  # no log, lock or checkpoint: nothing
+
+    def test_a_failure_after_run_start_ends_the_mlperf_log_with_run_stop_aborted(self):
+        model_dir = self.create_tempdir().full_path
+        # Labels 1..3 against 2 foreground classes: found by the start-up checks, after
+        # run_start (they read the dataset, which the clock must include).
+        code, _ = self.run_entry(train, model_dir, [NO_EVAL,
+                                                    "build_maskrcnn_model.num_classes = 3"])
+        self.assertEqual(code, 1)
+        events = mlperf_events(model_dir)
+        keys = [e["key"] for e in events]
+        self.assertIn("run_start", keys)
+        self.assertEqual(keys[-1], "run_stop")
+        self.assertEqual(events[-1]["metadata"]["status"], "aborted")
 
     def test_an_image_that_fails_to_decode_mid_epoch_is_named_with_exit_1(self):
         model_dir = self.create_tempdir().full_path
