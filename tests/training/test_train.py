@@ -91,6 +91,15 @@ app.run(train.main)
 """
 
 
+class WeightsAtTrainBegin(tf_keras.callbacks.Callback):
+    """Records the model's weights fingerprint when training begins (after any restore)."""
+
+    fingerprint = None
+
+    def on_train_begin(self, logs=None):
+        self.fingerprint = trainer_lib.weights_fingerprint(self.model.variables)
+
+
 class SigtermAt(tf_keras.callbacks.Callback):
     """Sends this process a real SIGTERM once `step` steps are done."""
 
@@ -292,6 +301,30 @@ class TrainEntryTest(tf.test.TestCase):
         resumed_id, = {e["metadata"]["run_id"] for e in events}
         self.assertNotEqual(first_id, resumed_id)
         self.assertEqual([line["run_id"] for line in lines], [first_id, resumed_id])
+
+    def test_an_async_evaluation_pending_at_a_kill_is_redone_with_its_epoch_weights(self):
+        # Async, killed at step 12 while epoch 1 was post-processed: a model dir with the
+        # checkpoints 4, 8 (epoch 1's end) and 12, and no result of epoch 1.
+        model_dir = os.path.join(self.create_tempdir().full_path, "model")
+        _, out = self.run_smoke(model_dir, NO_EVAL, "run.max_steps = 12",
+                                "run.checkpoint_every_n_steps = 4")
+        (_, weights_at_12), = fingerprint(out)
+        self.assertEqual(sorted(n for n in os.listdir(model_dir) if n.endswith(".index")),
+                         ["ckpt-12.index", "ckpt-4.index", "ckpt-8.index"])
+        at_begin = WeightsAtTrainBegin()
+        _, out = self.run_smoke(model_dir, "run.eval_async = True", extra_callbacks=[at_begin])
+        self.assertIn("(step 12)", out)
+        self.assertIn(f"the evaluation of epoch 1 has no result (interrupted): running it now "
+                      f"with the weights of {os.path.join(model_dir, 'ckpt-8')}", out)
+        # Training goes on from the restored step-12 weights, not epoch 1's. (Not compared
+        # with an uninterrupted run's end: training here is not bit-reproducible, see above.)
+        self.assertEqual(at_begin.fingerprint, weights_at_12)
+        lines = metrics_lines(model_dir)
+        self.assertEqual([line["epoch"] for line in lines], [1, 2])
+        metrics, _, _ = evaluate.evaluate_checkpoint(model_dir, os.path.join(model_dir, "ckpt-8"))
+        self.assertEqual((lines[0]["bbox"], lines[0]["segm"]), (metrics["bbox"], metrics["segm"]))
+        self.assertEqual([e["metadata"]["epoch_num"] for e in mlperf_events(model_dir)
+                          if e["key"] == "eval_accuracy"], [1, 2])
 
     def test_a_deleted_state_file_resumes_from_the_checkpoint_files(self):
         model_dir = os.path.join(self.create_tempdir().full_path, "model")
