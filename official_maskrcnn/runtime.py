@@ -191,7 +191,8 @@ class CheckpointMismatchError(ValueError):
 
 # Errors of the user's config or files that every entry reports as one line, with exit code 1.
 INPUT_ERRORS = (FileNotFoundError, dataset_builder.InputError, BackboneWeightsError,
-                CheckpointMismatchError, checkpointing.CheckpointError)
+                CheckpointMismatchError, checkpointing.CheckpointError,
+                coco_metrics.GroundTruthNotFoundError)
 
 # The box head's class logits in a checkpoint of `tf.train.Checkpoint(model=...)`: its bias
 # has one value per class, background included (tests/test_runtime.py checks the key).
@@ -285,8 +286,9 @@ def build_eval_dataset(batch_size):
         return dataset_builder.DatasetBuilder(is_training=False, global_batch_size=batch_size)
 
 
-def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream):
-    """The per-epoch COCO evaluation of `settings` (its eval_* fields and targets)."""
+def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream, run_id=None):
+    """The per-epoch COCO evaluation of `settings` (its eval_* fields and targets); `run_id`
+    goes into each `metrics.jsonl` line."""
     return coco_eval_callback.COCOEvalCallback(
         evaluator_lib.Evaluator(strategy, model,
                                 build_eval_dataset(settings.eval_global_batch_size)),
@@ -294,4 +296,4 @@ def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream):
                                     settings.coco_backend),
         mlperf=mllog, metrics_path=metrics_path, interval=settings.eval_interval,
         box_target=settings.box_target, mask_target=settings.mask_target,
-        asynchronous=settings.eval_async, stream=stream)
+        asynchronous=settings.eval_async, stream=stream, run_id=run_id)

@@ -1,11 +1,18 @@
 r"""Trains Mask R-CNN: `python -m official_maskrcnn.train --gin_file F [...] --model_dir M`.
 
 Writes into the model dir: `operative_config.gin` (every setting the run used), `mlperf.log`
-(the MLPerf compliance log; every line carries the run's id as `metadata.run_id`), checkpoints
-`ckpt-<step>.*` (at epoch ends and every N steps) and TensorBoard events under `train/`.
+(the MLPerf compliance log; every line carries the run's id as `metadata.run_id`),
+`metrics.jsonl` (one line per evaluation, with the run id too), checkpoints `ckpt-<step>.*` (at
+epoch ends and every N steps) and TensorBoard events under `train/`.
 Running the same command again resumes from the newest readable checkpoint, at the exact batch
 where the run stopped; checkpoints are found by their files too, so a missing or stale
-`checkpoint` state file never restarts a run from step 0 over its checkpoints.
+`checkpoint` state file never restarts a run from step 0 over its checkpoints. An evaluation a
+kill interrupted (its epoch's checkpoint was written before it) is run first on resume, with
+that epoch's weights, and results logged before count toward the target
+(`evaluation/coco_eval_callback.py`).
+
+`mlperf.log` ends with `run_stop` whenever the run ends after `run_start` (status `aborted` for
+a failure), except after SIGTERM / SIGINT: the resumed run continues that log.
 
 One run per model dir: the chief holds `train.lock` there (`training/model_dir_lock.py`) before
 it writes anything; a second run on the same folder exits at once with code 1, naming the
@@ -34,6 +41,7 @@ from absl import app, flags, logging
 
 from official_maskrcnn import runtime
 from official_maskrcnn.data import dataset_builder, decode_failures, startup_checks
+from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics
 from official_maskrcnn.modeling import summary
 from official_maskrcnn.training import callbacks as callbacks_lib
 from official_maskrcnn.training import checkpointing, distribution
@@ -55,6 +63,7 @@ class _Context:
     num_workers: int
     mllog: mlperf_logger.MLPerfLogger
     seed: int
+    run_id: str
 
     @property
     def chief(self):
@@ -63,6 +72,11 @@ class _Context:
     @property
     def per_replica_batch_size(self):
         return self.settings.global_batch_size // self.strategy.num_replicas_in_sync
+
+    @property
+    def metrics_path(self):
+        """The evaluations' `metrics.jsonl` (written by the chief, read by every worker)."""
+        return os.path.join(self.model_dir, "metrics.jsonl")
 
 
 def run(model_dir, settings=None, extra_callbacks=(), **overrides):
@@ -78,8 +92,11 @@ def run(model_dir, settings=None, extra_callbacks=(), **overrides):
       **overrides: `RunSettings` fields that take precedence over gin.
     Raises:
       model_dir_lock.ModelDirLockedError: another live run holds the model dir.
+      coco_metrics.GroundTruthNotFoundError: no `run.eval_annotations_file` (before anything
+        is written into the model dir).
     """
     settings = settings or runtime.run_settings(**overrides)
+    _check_files(settings)
     strategy, worker_id, num_workers = _strategy(settings)
     run_id = new_run_id()
     lock = model_dir_lock.ModelDirLock(model_dir, run_id)
@@ -97,10 +114,35 @@ def new_run_id():
     return uuid.uuid4().hex
 
 
+def _check_files(settings):
+    """Files named by the settings that are only opened later: their absence is reported before
+    the run writes anything (the model dir, its lock, the MLPerf log)."""
+    if settings.eval_annotations_file:
+        coco_metrics.check_ground_truth_file(settings.eval_annotations_file)
+
+
 def _run(context, extra_callbacks):
+    """From the model to `run_stop`: every way out after `run_start` but a preemption ends the
+    MLPerf log with `run_stop` (`aborted` for a failure), as the rules want of a run."""
     model, optimizer = _build_model_and_optimizer(context)
     context.mllog.init_stop()
     context.mllog.run_start()
+    try:
+        logs, success = _timed_run(context, model, optimizer, extra_callbacks)
+    except trainer_lib.Preempted:
+        context.mllog.close()  # no run_stop: the same command resumes the run and its log
+        raise
+    except Exception:
+        context.mllog.run_stop(success=False)
+        context.mllog.close()
+        raise
+    context.mllog.run_stop(success=success)
+    context.mllog.close()
+    return logs
+
+
+def _timed_run(context, model, optimizer, extra_callbacks):
+    """Everything on the MLPerf clock; returns (the final logs, whether the targets were met)."""
     # The clock runs from here: the dataset is touched only now (REFERENCE.md, rules).
     train_builder = _training_data(context)
     loop = _loop_settings(context, train_builder)
@@ -113,17 +155,17 @@ def _run(context, extra_callbacks):
         _write_operative_config(context)
         callbacks = _callbacks(context, loop, eval_callback, extra_callbacks)
         trainer = _trainer(context, model, optimizer, train_builder, loop, callbacks)
+        restored = _restore(trainer)
         with decode_failures.named_decode_failures(
                 train_builder, eval_callback.evaluator.builder if eval_callback else None):
+            _redo_lost_evaluations(context, trainer, eval_callback, restored)
             logs = _train(context, trainer, train_builder)
     finally:
         if eval_callback:
             eval_callback.postprocessor.close()
     _print_final_weights(trainer)
     # MLPerf success: both accuracy targets reached, which only an evaluation can tell.
-    context.mllog.run_stop(success=eval_callback is not None and eval_callback.targets_met)
-    context.mllog.close()
-    return logs
+    return logs, eval_callback is not None and eval_callback.targets_met
 
 
 def _strategy(settings):
@@ -153,7 +195,8 @@ def _start(model_dir, settings, strategy, worker_id, num_workers, run_id):
     seed = settings.seed
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**31))
-    context = _Context(model_dir, settings, strategy, worker_id, num_workers, mllog, seed)
+    context = _Context(model_dir, settings, strategy, worker_id, num_workers, mllog, seed,
+                       run_id)
     logging.info("run id %s, seed %d, %d replica(s) on %d worker(s), %d image(s) per replica, "
                  "%s", run_id, seed, strategy.num_replicas_in_sync, num_workers,
                  context.per_replica_batch_size, settings.precision)
@@ -197,8 +240,8 @@ def _eval_callback(context, model):
         return None
     return runtime.build_eval_callback(
         context.strategy, model, context.settings, context.mllog,
-        os.path.join(context.model_dir, "metrics.jsonl") if context.chief else None,
-        stream=sys.stdout if context.chief else None)
+        context.metrics_path if context.chief else None,
+        stream=sys.stdout if context.chief else None, run_id=context.run_id)
 
 
 def _check_inputs(context, model, train_builder, eval_callback):
@@ -227,8 +270,7 @@ def _callbacks(context, loop, eval_callback, extra_callbacks):
 
 
 def _trainer(context, model, optimizer, train_builder, loop, callbacks):
-    """The Trainer with its hooks, its variables built and the newest readable checkpoint
-    restored."""
+    """The Trainer with its hooks and its variables built (not restored yet: `_restore`)."""
     settings, strategy = context.settings, context.strategy
     step = trainer_lib.create_step_variable(strategy)
     checkpointer = checkpointing.Checkpointer(
@@ -242,10 +284,55 @@ def _trainer(context, model, optimizer, train_builder, loop, callbacks):
         checkpointer=checkpointer,
         hooks=_hooks(context, model, checkpointer), callbacks=callbacks)
     trainer.build()
-    restored = checkpointer.restore()
+    return trainer
+
+
+def _restore(trainer):
+    """Restores the newest readable checkpoint; returns its prefix (None: a fresh run)."""
+    restored = trainer.checkpointer.restore()
     if restored:
         print(f"resumed from {restored} (step {int(trainer.step.numpy())})", flush=True)
-    return trainer
+    return restored
+
+
+def _redo_lost_evaluations(context, trainer, eval_callback, restored):
+    """Before training on: counts the results logged by earlier runs toward the target, and
+    runs the evaluations of trained epochs that have none (a kill during the evaluation, or,
+    async, while it was post-processed), each with its epoch-end checkpoint's weights; the
+    model then holds the restored weights again. `coco_eval_callback` says why."""
+    if eval_callback is None:
+        return
+    results = coco_eval_callback.read_results(context.metrics_path)
+    eval_callback.add_earlier_results(results)
+    if restored is None:
+        return
+    step = int(trainer.step.numpy())
+    paths = {checkpointing.checkpoint_step(path): path
+             for path in checkpointing.list_checkpoints(context.model_dir)[0]}
+    paths[step] = restored
+    lost = coco_eval_callback.evaluations_to_redo(
+        [s for s in paths if s is not None and s <= step], results, trainer.steps_per_epoch,
+        trainer.total_steps, context.settings.eval_interval)
+    loaded = restored
+    for epoch_num, epoch_end in lost:
+        print(f"the evaluation of epoch {epoch_num} has no result (interrupted): running it "
+              f"now with the weights of {paths[epoch_end]}", flush=True)
+        try:
+            loaded = _load_model_weights(trainer.model, paths[epoch_end], loaded)
+        except checkpointing.CheckpointError as e:
+            logging.warning("the evaluation of epoch %d cannot be redone: %s", epoch_num, e)
+            loaded = None  # a failed restore may have changed some weights
+            continue
+        eval_callback.evaluate(epoch_num, step=step)
+    _load_model_weights(trainer.model, restored, loaded)
+
+
+def _load_model_weights(model, path, loaded):
+    """Restores the model's weights of checkpoint `path` unless `loaded` (the checkpoint the
+    model holds now) is that one; returns `path`. The optimizer and the step stay untouched."""
+    if path != loaded:
+        runtime.restore_model_weights(model, path)
+    return path
 
 
 def _hooks(context, model, checkpointer):
@@ -259,20 +346,12 @@ def _hooks(context, model, checkpointer):
 
 
 def _train(context, trainer, train_builder):
-    """Runs the trainer; the MLPerf log records an abort unless the run was preempted."""
+    """Runs the trainer; returns its final logs."""
     print(f"training: {trainer.steps_per_epoch} steps per epoch of "
           f"{train_builder.num_train_images} images, {trainer.total_steps} steps in all, global "
           f"batch {context.settings.global_batch_size}; outputs in {context.model_dir}",
           flush=True)
-    try:
-        return trainer.train()
-    except trainer_lib.Preempted:
-        context.mllog.close()
-        raise
-    except Exception:
-        context.mllog.run_stop(success=False)
-        context.mllog.close()
-        raise
+    return trainer.train()
 
 
 def _print_final_weights(trainer):

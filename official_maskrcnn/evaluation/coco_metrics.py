@@ -89,15 +89,30 @@ def _discard(*unused_args, **unused_kwargs):
     pass
 
 
+class GroundTruthNotFoundError(ValueError):
+    """The ground-truth annotations file does not exist (an input error of the user's config:
+    the entries report it in one line)."""
+
+
+def check_ground_truth_file(path):
+    """The absolute path of the annotation JSON `path`.
+
+    Raises:
+      GroundTruthNotFoundError: no such file.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise GroundTruthNotFoundError(f"ground-truth annotations file not found: {path}")
+    return path
+
+
 def load_ground_truth(path, backend="pycocotools"):
     """The annotation JSON as the back end's COCO object, loaded once per file version and back
     end (cached by path, modification time and size). COCOeval only adds derived fields to it
     (faster_coco_eval caches each annotation's RLE there), so sharing it between evaluations is
     safe; the two back ends never share one."""
     check_backend(backend)
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"ground-truth annotations file not found: {path}")
+    path = check_ground_truth_file(path)
     stat = os.stat(path)
     return _load_cached(path, stat.st_mtime_ns, stat.st_size, backend)
 

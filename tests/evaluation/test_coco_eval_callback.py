@@ -1,6 +1,7 @@
 """COCOEvalCallback: when it evaluates, what it logs, when it stops; sync and async."""
 
 import concurrent.futures
+import functools
 import json
 import os
 import threading
@@ -128,6 +129,73 @@ class CallbackTest(tf.test.TestCase):
         threading.Timer(0.2, post.finish, args=(0,)).start()
         callback.on_train_end()
         self.assertEqual([line["epoch"] for line in self.metrics_lines()], [1])
+
+    def test_each_line_carries_the_run_id(self):
+        callback = self.callback(FakePostProcessor([(0.1, 0.1)]), run_id="ab" * 16)
+        callback.on_epoch_end(0)
+        self.assertEqual([line["run_id"] for line in self.metrics_lines()], ["ab" * 16])
+
+    def test_earlier_results_count_toward_the_target_and_stop_at_once(self):
+        callback = self.callback(FakePostProcessor([]))
+        callback.add_earlier_results({1: metrics(0.1, 0.1)})
+        callback.on_train_begin()
+        self.assertFalse(self.model.stop_training)  # not met: train on
+        self.assertFalse(callback.targets_met)
+        callback.add_earlier_results({2: metrics(0.4, 0.4)})
+        callback.on_train_begin()
+        self.assertTrue(self.model.stop_training)  # met before the kill: no more training
+        self.assertTrue(callback.targets_met)
+        self.assertEqual(callback.evaluator.calls, 0)
+
+
+class EarlierResultsTest(tf.test.TestCase):
+    """Which epochs of a resumed run have no evaluation result (`metrics.jsonl`)."""
+
+    def test_complete_lines_count_and_a_torn_last_line_does_not(self):
+        path = os.path.join(self.create_tempdir().full_path, "metrics.jsonl")
+        self.assertEqual(coco_eval_callback.read_results(path), {})  # a fresh run: no file
+        with open(path, "w") as f:
+            for epoch in (1, 2):
+                f.write(json.dumps({"epoch": epoch, **metrics(0.1 * epoch, 0.1)}) + "\n")
+            f.write('{"epoch": 3, "bbox": {"AP": 0.')  # killed mid-write
+        with self.assertLogs(level="WARNING") as logs:
+            results = coco_eval_callback.read_results(path)
+        self.assertEqual(sorted(results), [1, 2])
+        self.assertEqual(results[2]["bbox"]["AP"], 0.2)
+        self.assertIn("line 3", "\n".join(logs.output))
+
+    def test_a_line_appended_after_a_torn_one_starts_on_its_own_line(self):
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "metrics.jsonl")
+        with open(path, "w") as f:
+            f.write('{"epoch": 1, "bb')  # killed mid-write
+        callback = coco_eval_callback.COCOEvalCallback(
+            FakeEvaluator(), FakePostProcessor([(0.3, 0.3)]), metrics_path=path)
+        callback.evaluate(1)
+        with self.assertLogs(level="WARNING"):
+            results = coco_eval_callback.read_results(path)
+        self.assertEqual(list(results), [1])
+        self.assertEqual(results[1]["bbox"]["AP"], 0.3)
+
+    def test_the_epoch_end_checkpoints_after_the_newest_result_lack_one(self):
+        lost = functools.partial(coco_eval_callback.evaluations_to_redo, steps_per_epoch=8,
+                                 total_steps=36)
+        done = {1: metrics(0.1, 0.1)}
+        # Sync, killed in epoch 2's evaluation: the restored checkpoint is epoch 2's end.
+        self.assertEqual(lost([8, 16], done), [(2, 16)])
+        # Async, killed while epochs 2 and 3 were post-processed, resumed from a periodic
+        # checkpoint inside epoch 4: both, oldest first, each with its own epoch-end weights.
+        self.assertEqual(lost([8, 16, 20, 24, 28], done), [(2, 16), (3, 24)])
+        # Mid-epoch checkpoints and epochs already evaluated need nothing.
+        self.assertEqual(lost([8, 12], done), [])
+        self.assertEqual(lost([8], done), [])
+        # The last epoch cut by max_steps (36 = 4.5 epochs) is epoch 5, as the run numbers it.
+        self.assertEqual(lost([32, 36], {4: metrics(0.1, 0.1)}), [(5, 36)])
+        # Only epochs the interval evaluates; none before the newest result (runs that had
+        # evaluation off are not evaluated after the fact).
+        self.assertEqual(lost([8, 16, 24, 32], {}, interval=2), [(2, 16), (4, 32)])
+        self.assertEqual(lost([8, 16, 24], {2: metrics(0.1, 0.1)}), [(3, 24)])
+        self.assertEqual(lost([], {}), [])
 
 
 if __name__ == "__main__":

@@ -62,6 +62,44 @@ def printed_losses(output):
             for line in loss_lines(output)]
 
 
+def mlperf_events(model_dir):
+    with open(os.path.join(model_dir, "mlperf.log")) as f:
+        return [json.loads(line.split(":::MLLOG ", 1)[1]) for line in f]
+
+
+def metrics_lines(model_dir):
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# The train entry, whose evaluation number $STALL_EVAL (1-based; unset: none) writes the file
+# $STALL_MARKER when its inference starts and then hangs, for the test to kill it there.
+STALLING_TRAIN = r"""
+import os, time
+from absl import app
+from official_maskrcnn import train
+from official_maskrcnn.evaluation import evaluator
+predict, calls = evaluator.Evaluator.predict, []
+def stalling_predict(self):
+    calls.append(None)
+    if str(len(calls)) == os.environ.get("STALL_EVAL"):
+        open(os.environ["STALL_MARKER"], "w").close()
+        time.sleep(3600)
+    return predict(self)
+evaluator.Evaluator.predict = stalling_predict
+app.run(train.main)
+"""
+
+
+class WeightsAtTrainBegin(tf_keras.callbacks.Callback):
+    """Records the model's weights fingerprint when training begins (after any restore)."""
+
+    fingerprint = None
+
+    def on_train_begin(self, logs=None):
+        self.fingerprint = trainer_lib.weights_fingerprint(self.model.variables)
+
+
 class SigtermAt(tf_keras.callbacks.Callback):
     """Sends this process a real SIGTERM once `step` steps are done."""
 
@@ -125,7 +163,8 @@ class TrainEntryTest(tf.test.TestCase):
             by_key.setdefault(event["key"], []).append(event)
         run_ids = {event["metadata"]["run_id"] for event in events}  # every line carries it
         self.assertLen(run_ids, 1)
-        self.assertRegex(run_ids.pop(), r"^[0-9a-f]{32}$")
+        run_id = run_ids.pop()
+        self.assertRegex(run_id, r"^[0-9a-f]{32}$")
         self.assertEqual([e["metadata"]["epoch_num"] for e in by_key["epoch_start"]], [1, 2])
         self.assertEqual(by_key["train_samples"][0]["value"], 15)  # one image is crowd-only
         self.assertEqual(by_key["num_image_candidates"][0]["value"], 1000)
@@ -141,6 +180,7 @@ class TrainEntryTest(tf.test.TestCase):
         with open(os.path.join(model_dir, "metrics.jsonl")) as f:
             lines = [json.loads(line) for line in f]
         self.assertEqual([line["epoch"] for line in lines], [1, 2])
+        self.assertEqual([line["run_id"] for line in lines], [run_id, run_id])
         self.assertLen(lines[0]["bbox"], 12)
         self.assertLen(lines[0]["segm"], 12)
         self.assertIn("eval after epoch 2: box AP", out)
@@ -196,6 +236,95 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertIn("resumed from", out)
         self.assertIn("(step 6)", out)
         self.assertEqual(fingerprint(out), uninterrupted)
+
+    def test_a_run_killed_in_its_last_evaluation_redoes_it_on_resume(self):
+        root = self.create_tempdir().full_path
+        model_dir = os.path.join(root, "model")
+        marker = os.path.join(root, "stalled")
+
+        def command(model_dir):
+            return [sys.executable, "-c", STALLING_TRAIN, "--gin_file", SMOKE,
+                    "--model_dir", model_dir,
+                    *[arg for binding in self.data_bindings for arg in ("--gin_param", binding)]]
+
+        env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", STALL_MARKER=marker)
+        killed = subprocess.Popen(command(model_dir), cwd=root, env=dict(env, STALL_EVAL="2"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: killed.poll() is None and killed.kill())
+        deadline = time.time() + 600
+        while not os.path.exists(marker) and killed.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        self.assertIsNone(killed.poll(), "the run ended before its last evaluation")
+        killed.send_signal(signal.SIGKILL)  # no handler, no save: as a lost node
+        killed.communicate(timeout=60)
+        first_events = mlperf_events(model_dir)
+        self.assertEqual([(e["key"], e["metadata"].get("epoch_num")) for e in first_events
+                          if e["key"].startswith("eval_")][-1], ("eval_start", 2))
+        self.assertNotIn("run_stop", [e["key"] for e in first_events])
+        self.assertEqual([line["epoch"] for line in metrics_lines(model_dir)], [1])
+        self.assertTrue(os.path.exists(os.path.join(model_dir, "ckpt-16.index")))
+
+        resumed = subprocess.run(command(model_dir), cwd=root, env=env, capture_output=True,
+                                 text=True, timeout=600)
+        self.assertEqual(resumed.returncode, 0, resumed.stdout[-3000:] + resumed.stderr[-3000:])
+        self.assertIn("(step 16)", resumed.stdout)
+        lines = metrics_lines(model_dir)
+        self.assertEqual([line["epoch"] for line in lines], [1, 2])
+        # The values an uninterrupted run logs for epoch 2 are those of an evaluation of its
+        # epoch-end weights, which the evaluate entry reproduces exactly (see the smoke test).
+        # Compared on the killed run's own checkpoint: two training processes on this CPU
+        # were seen to end with weights a few last bits apart, whatever the seed.
+        evaluated = subprocess.run(
+            [sys.executable, "-m", "official_maskrcnn.evaluate", "--gin_file", SMOKE,
+             "--model_dir", model_dir, "--checkpoint", os.path.join(model_dir, "ckpt-16"),
+             *[arg for binding in self.data_bindings for arg in ("--gin_param", binding)]],
+            cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        self.assertEqual(evaluated.returncode, 0, evaluated.stderr[-3000:])
+        with open(os.path.join(model_dir, "eval-16.metrics.json")) as f:
+            expected = json.load(f)
+        self.assertEqual((lines[1]["bbox"], lines[1]["segm"]),
+                         (expected["bbox"], expected["segm"]))
+        events = mlperf_events(model_dir)[len(first_events):]  # the resumed run's lines
+        keys = [(e["key"], e["metadata"].get("epoch_num")) for e in events]
+        epoch_events = ("epoch_start", "epoch_stop", "eval_start", "eval_accuracy", "eval_stop")
+        self.assertEqual([k for k in keys if k[0] in epoch_events],
+                         [("eval_start", 2), ("eval_accuracy", 2), ("eval_stop", 2)])
+        self.assertEqual(keys[-1][0], "run_stop")
+        # As the uninterrupted smoke run (targets unreachable, test_smoke_run_outputs_...).
+        self.assertFalse(lines[1]["targets_met"])
+        self.assertEqual(events[-1]["metadata"]["status"], "aborted")
+        accuracy = [e["value"] for e in events if e["key"] == "eval_accuracy"]
+        self.assertEqual(accuracy, [{"BBOX": lines[1]["bbox"]["AP"],
+                                     "SEGM": lines[1]["segm"]["AP"]}])
+        # Each metrics line carries the id of the run that logged it.
+        first_id, = {e["metadata"]["run_id"] for e in first_events}
+        resumed_id, = {e["metadata"]["run_id"] for e in events}
+        self.assertNotEqual(first_id, resumed_id)
+        self.assertEqual([line["run_id"] for line in lines], [first_id, resumed_id])
+
+    def test_an_async_evaluation_pending_at_a_kill_is_redone_with_its_epoch_weights(self):
+        # Async, killed at step 12 while epoch 1 was post-processed: a model dir with the
+        # checkpoints 4, 8 (epoch 1's end) and 12, and no result of epoch 1.
+        model_dir = os.path.join(self.create_tempdir().full_path, "model")
+        _, out = self.run_smoke(model_dir, NO_EVAL, "run.max_steps = 12",
+                                "run.checkpoint_every_n_steps = 4")
+        (_, weights_at_12), = fingerprint(out)
+        self.assertEqual(sorted(n for n in os.listdir(model_dir) if n.endswith(".index")),
+                         ["ckpt-12.index", "ckpt-4.index", "ckpt-8.index"])
+        at_begin = WeightsAtTrainBegin()
+        _, out = self.run_smoke(model_dir, "run.eval_async = True", extra_callbacks=[at_begin])
+        self.assertIn("(step 12)", out)
+        self.assertIn(f"the evaluation of epoch 1 has no result (interrupted): running it now "
+                      f"with the weights of {os.path.join(model_dir, 'ckpt-8')}", out)
+        # Training goes on from the restored step-12 weights, not epoch 1's. (Not compared
+        # with an uninterrupted run's end: training here is not bit-reproducible, see above.)
+        self.assertEqual(at_begin.fingerprint, weights_at_12)
+        lines = metrics_lines(model_dir)
+        self.assertEqual([line["epoch"] for line in lines], [1, 2])
+        metrics, _, _ = evaluate.evaluate_checkpoint(model_dir, os.path.join(model_dir, "ckpt-8"))
+        self.assertEqual((lines[0]["bbox"], lines[0]["segm"]), (metrics["bbox"], metrics["segm"]))
+        self.assertEqual([e["metadata"]["epoch_num"] for e in mlperf_events(model_dir)
+                          if e["key"] == "eval_accuracy"], [1, 2])
 
     def test_a_deleted_state_file_resumes_from_the_checkpoint_files(self):
         model_dir = os.path.join(self.create_tempdir().full_path, "model")
@@ -323,6 +452,31 @@ class TrainEntryTest(tf.test.TestCase):
                                  f"image\\(s\\) have another \\(height, width\\)")
         self.assertNotIn("Traceback", stderr)
         self.assertEmpty(tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*")))
+
+    def test_a_missing_eval_annotations_file_is_one_error_line_before_anything_is_written(
+            self):
+        model_dir = os.path.join(self.create_tempdir().full_path, "model")
+        missing = os.path.join(self.tmp, "no_such_instances_val.json")
+        code, stderr = self.run_entry(train, model_dir,
+                                      [f"run.eval_annotations_file = '{missing}'"])
+        self.assertEqual(code, 1)
+        self.assertEqual([line for line in stderr.splitlines() if line.startswith("error:")],
+                         [f"error: ground-truth annotations file not found: {missing}"])
+        self.assertNotIn("Traceback", stderr)
+        self.assertFalse(os.path.exists(model_dir))  # no log, lock or checkpoint: nothing
+
+    def test_a_failure_after_run_start_ends_the_mlperf_log_with_run_stop_aborted(self):
+        model_dir = self.create_tempdir().full_path
+        # Labels 1..3 against 2 foreground classes: found by the start-up checks, after
+        # run_start (they read the dataset, which the clock must include).
+        code, _ = self.run_entry(train, model_dir, [NO_EVAL,
+                                                    "build_maskrcnn_model.num_classes = 3"])
+        self.assertEqual(code, 1)
+        events = mlperf_events(model_dir)
+        keys = [e["key"] for e in events]
+        self.assertIn("run_start", keys)
+        self.assertEqual(keys[-1], "run_stop")
+        self.assertEqual(events[-1]["metadata"]["status"], "aborted")
 
     def test_an_image_that_fails_to_decode_mid_epoch_is_named_with_exit_1(self):
         model_dir = self.create_tempdir().full_path
