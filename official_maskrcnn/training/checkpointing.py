@@ -251,8 +251,12 @@ class Checkpointer:
         Raises:
           CheckpointError: checkpoints exist but none can be read.
         """
+        # Every worker restores from the model dir: a non-chief's manager only knows its
+        # scratch folder, which holds nothing between saves.
+        paths = (self.manager.checkpoints if self.is_chief
+                 else list_checkpoints(self.directory)[0])
         return restore_newest_readable(
-            self.manager.checkpoints,
+            paths,
             lambda path: self.checkpoint.restore(path).assert_existing_objects_matched(),
             self.directory)
 

@@ -171,6 +171,17 @@ class CheckpointerTest(tf.test.TestCase):
         self.save_steps(checkpointer, [5])
         self.assertEqual(sorted(os.listdir(self.dir)), [])
 
+    def test_non_chief_resumes_from_the_chiefs_checkpoints(self):
+        # Every worker restores the same step: a non-chief restoring its (emptied) scratch
+        # folder would start at step 0 beside a resumed chief.
+        self.save_steps(self.checkpointer(), [10, 20])
+        self.weights.assign(np.zeros([64, 64], np.float32))
+        self.step.assign(0)
+        path = self.checkpointer(is_chief=False, worker_id=1).restore()
+        self.assertEqual(path, os.path.join(self.dir, "ckpt-20"))
+        self.assertEqual(int(self.step.numpy()), 20)
+        self.assertAllEqual(self.weights, np.full([64, 64], 20.0))
+
 
 if __name__ == "__main__":
     tf.test.main()
