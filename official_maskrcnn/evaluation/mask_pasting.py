@@ -122,14 +122,16 @@ class PastedCrops:
             # Along x, then along y (torch's order): [w, S] @ [S, h] = the crop, transposed.
             resized = np.matmul(x_weights @ padded_t[t], y_weights.T,
                                 out=scratch[:cols * rows].reshape(cols, rows))
-            framed = self.buffer[self.offset[c]:self.offset[c + 1]].reshape(cols, rows + 2)
-            np.greater(resized, threshold, out=framed[:, 1:-1])
+            np.greater(resized, threshold, out=self._framed(c)[:, 1:-1])
+
+    def _framed(self, c):
+        """Crop c's [w, h + 2] framed columns (a view into the buffer)."""
+        return self.buffer[self.offset[c]:self.offset[c + 1]].reshape(
+            int(self.cols[c]), int(self.rows[c]) + 2)
 
     def crop(self, c):
         """Crop c as [h, w] bool (a view into the buffer)."""
-        framed = self.buffer[self.offset[c]:self.offset[c + 1]].reshape(
-            int(self.cols[c]), int(self.rows[c]) + 2)
-        return framed[:, 1:-1].T
+        return self._framed(c)[:, 1:-1].T
 
     def rle_counts(self):
         """Uncompressed COCO RLE counts of each of the T full-image masks (column-major runs,
