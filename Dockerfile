@@ -6,9 +6,11 @@
 #       -e DATA_DIR=/data -e MODEL_DIR=/runs/r1 official_maskrcnn
 FROM tensorflow/tensorflow:2.20.0-gpu
 
-# wget/unzip for download_dataset.sh; nothing else is needed beyond the image.
+# wget/unzip for download_dataset.sh; gcc and the Python headers for the package's one C
+# extension (the mask paster, official_maskrcnn/evaluation/_mask_rle.c).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends wget unzip \
+    && apt-get install -y --no-install-recommends wget unzip gcc \
+       "$(python -c 'import sys; print("python%d.%d-dev" % sys.version_info[:2])')" \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /workspace/maskrcnn

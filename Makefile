@@ -1,5 +1,6 @@
 # Two user-facing targets: `make demo` and `make test`. Each creates .venv when
-# missing and installs the project into it (again only when setup.cfg changed).
+# missing and installs the project into it (again when setup.cfg, setup.py or the C source of
+# the mask paster changed: the editable install compiles it in place).
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +14,7 @@ DEMO_WORKERS ?= 2
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml official_maskrcnn/evaluation/_mask_rle.c
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' \
 	  || { echo "Set PYTHON=/path/to/python3.11 (found $$($(PYTHON) --version))" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

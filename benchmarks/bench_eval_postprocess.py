@@ -13,9 +13,9 @@ longer at most 1333), 100 per image: every non-crowd ground-truth object with it
 scores.
 
 Stages (one process, median over repeats, ms per image): boxes back to original pixels and the
-result dicts; pasting (`mask_pasting.PastedCrops`); RLE run lengths from the crops; RLE
-compression (pycocotools); bbox and segm COCOeval (loadRes + evaluate + accumulate + summarize)
-with each back end.
+result dicts; pasting, RLE and its compression (`mask_pasting.pasted_masks`, one C call per
+image); bbox and segm COCOeval (results loaded + evaluate + accumulate + summarize) with each
+back end.
 
 End to end (`evaluator.PostProcessor.run`, exactly what training runs after inference; its worker
 pool started before timing, as once per training run): pycocotools and faster_coco_eval in 1 and
@@ -118,7 +118,7 @@ def run_model_garden(evaluator, outputs, label_map):
     return evaluator.result()
 
 
-STAGES = ("boxes + result dicts", "pasting", "RLE run lengths", "RLE compression")
+STAGES = ("boxes + result dicts", "pasting + RLE (C)")
 
 
 def _median_ms(seconds, num_images):
@@ -127,9 +127,6 @@ def _median_ms(seconds, num_images):
 
 def time_stages(outputs, label_map, annotations, repeats):
     """{stage: [seconds per repeat]} of the one-process pipeline, stage by stage."""
-    import threadpoolctl
-    from pycocotools import mask as mask_util
-
     from official_maskrcnn.evaluation import coco_metrics, coco_results, mask_pasting
     per_image = []
     for i in range(len(outputs["source_id"])):
@@ -144,18 +141,10 @@ def time_stages(outputs, label_map, annotations, repeats):
         start = time.perf_counter()
         coco_results.detections_to_coco(outputs, label_map, include_masks=False)
         seconds[STAGES[0]].append(time.perf_counter() - start)
-        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-            start = time.perf_counter()
-            crops = [mask_pasting.PastedCrops(*args, 0.5) for args in per_image]
-            seconds[STAGES[1]].append(time.perf_counter() - start)
         start = time.perf_counter()
-        counts = [c.rle_counts() for c in crops]
-        seconds[STAGES[2]].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for c, image_counts in zip(crops, counts):
-            mask_util.frPyObjects([{"counts": n, "size": [c.height, c.width]}
-                                   for n in image_counts], c.height, c.width)
-        seconds[STAGES[3]].append(time.perf_counter() - start)
+        for args in per_image:
+            mask_pasting.pasted_masks(*args, 0.5)
+        seconds[STAGES[1]].append(time.perf_counter() - start)
         for backend in coco_metrics.BACKENDS:
             for iou_type in coco_metrics.IOU_TYPES:
                 start = time.perf_counter()

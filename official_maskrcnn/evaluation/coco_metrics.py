@@ -145,6 +145,26 @@ def _check_results(ground_truth, results, image_ids):
                              f"{min(known_categories)}..{max(known_categories)})")
 
 
+def _faster_mask_results(ground_truth, loaded):
+    """faster_coco_eval's `loadRes` of mask results, the masks' areas and boxes computed in one
+    C call (`_mask_rle.rle_area_bbox`, equal to pycocotools' `area` and `toBbox`) instead of two
+    calls per result (about 2 ms per image of 100 detections)."""
+    from official_maskrcnn.evaluation import _mask_rle
+    try:
+        areas_and_boxes = _mask_rle.rle_area_bbox([result["segmentation"] for result in loaded])
+    except ValueError as error:
+        raise ValueError(f"segm results: {error}") from None
+    for index, (result, (area, box)) in enumerate(zip(loaded, areas_and_boxes)):
+        result.update(area=area, bbox=box, id=index + 1, iscrowd=0)
+    detections = _faster_coco_eval().COCO(print_function=_discard)
+    detections.dataset = {"info": copy.deepcopy(ground_truth.dataset.get("info", {})),
+                          "images": list(ground_truth.dataset["images"]),
+                          "categories": copy.deepcopy(ground_truth.dataset["categories"]),
+                          "annotations": loaded}
+    detections.createIndex()
+    return detections
+
+
 def _evaluate_one(ground_truth, results, image_ids, iou_type, backend):
     """COCOeval stats of one iou type: ({name: float}, summary text)."""
     missing = [key for key in _RESULT_KEYS[iou_type] if key not in results[0]]
@@ -154,7 +174,8 @@ def _evaluate_one(ground_truth, results, image_ids, iou_type, backend):
     # Fresh dicts: loadRes adds fields (id, area, ...) in place.
     loaded = [{key: result[key] for key in _RESULT_KEYS[iou_type]} for result in results]
     if backend == "faster_coco_eval":
-        detections = ground_truth.loadRes(loaded)
+        detections = (_faster_mask_results(ground_truth, loaded) if iou_type == "segm" else
+                      ground_truth.loadRes(loaded))
         # One thread: the run's parallelism is its processes; threads would only contend.
         evaluator = _faster_coco_eval().COCOeval_faster(
             ground_truth, detections, iouType=iou_type, print_function=_discard,

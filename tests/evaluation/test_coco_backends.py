@@ -117,6 +117,14 @@ class BackendEqualityTest(tf.test.TestCase):
         reference = coco_metrics.evaluate(ground_truth, results, image_ids=self.image_ids[:8])
         self.assertAllClose(fast["segm"]["AP"], reference["segm"]["AP"], atol=TOLERANCE)
 
+    def test_malformed_mask_result_is_named(self):
+        results = perturbed_results(self.ground_truth, self.image_ids[:2], seed=5)
+        results[1] = dict(results[1], segmentation={"size": [3, 3], "counts": "d0"})
+        with self.assertRaisesRegex(ValueError, r"segm results: RLE 1 \(size 3 x 3\): counts "
+                                    "that do not cover"):
+            coco_metrics.evaluate(COCO128_JSON, results, iou_types=("segm",),
+                                  backend="faster_coco_eval")
+
     def test_empty_results_and_unknown_backend(self):
         fast = coco_metrics.evaluate(COCO128_JSON, [], backend="faster_coco_eval")
         self.assertEqual(fast["bbox"], dict.fromkeys(coco_metrics.STAT_NAMES, 0.0))
