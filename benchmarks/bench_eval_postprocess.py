@@ -30,6 +30,7 @@ import collections
 import contextlib
 import datetime
 import functools
+import io
 import os
 import platform
 import statistics
@@ -115,7 +116,8 @@ def run_model_garden(evaluator, outputs, label_map):
         "detection_scores": outputs["detection_scores"],
         "detection_masks": outputs["detection_masks"]}
     evaluator.update_state(None, {k: tf.constant(v) for k, v in predictions.items()})
-    return evaluator.result()
+    with contextlib.redirect_stdout(io.StringIO()):  # its pycocotools prints every table
+        return evaluator.result()
 
 
 STAGES = ("boxes + result dicts", "pasting + RLE (C)")

@@ -11,6 +11,12 @@ without 'segmentation' (detection area = w * h) and mask results without 'bbox' 
 from the RLE), so the small / medium / large splits of the mask AP use the mask area. All images of
 the ground truth are evaluated unless told otherwise: an image without detections still counts.
 
+COCOeval matches and accumulates each category on its own, so the work splits by category:
+`accumulate` runs over a set of categories (in any process), `summarize` joins the shards'
+precision / recall arrays in category order and averages them with the back end's own
+`summarize`, giving `evaluate`'s stats bit for bit; `category_shards` balances the sets. The
+post-processor's worker processes score that way (`evaluator.PostProcessor`).
+
 pycocotools prints progress and its summary table; that text is captured (not printed) and
 returned as `summary_text` (faster_coco_eval's progress is dropped and the table is written in
 pycocotools' layout). The capture replaces the name `print` inside pycocotools' modules only
@@ -18,6 +24,7 @@ for the duration of a call (a lock serialises callers), so other threads, such a
 printing progress while evaluation runs in the background, keep their output.
 """
 
+import collections
 import contextlib
 import copy
 import functools
@@ -25,6 +32,7 @@ import io
 import os
 import threading
 
+import numpy as np
 from pycocotools import coco as coco_lib
 from pycocotools import cocoeval as cocoeval_lib
 
@@ -165,37 +173,143 @@ def _faster_mask_results(ground_truth, loaded):
     return detections
 
 
-def _evaluate_one(ground_truth, results, image_ids, iou_type, backend):
-    """COCOeval stats of one iou type: ({name: float}, summary text)."""
+def _new_evaluator(ground_truth, detections, iou_type, backend):
+    if backend == "faster_coco_eval":
+        # One thread: the run's parallelism is its processes; threads would only contend.
+        return _faster_coco_eval().COCOeval_faster(ground_truth, detections, iouType=iou_type,
+                                                   print_function=_discard,
+                                                   rle_iou_max_workers=1)
+    return cocoeval_lib.COCOeval(ground_truth, detections, iouType=iou_type)
+
+
+def _accumulate_one(ground_truth, results, image_ids, category_ids, iou_type, backend):
+    """COCOeval evaluate + accumulate of one iou type: {'precision': [T, R, K, A, M],
+    'recall': [T, K, A, M]} over the K categories `category_ids` (sorted)."""
     missing = [key for key in _RESULT_KEYS[iou_type] if key not in results[0]]
     if missing:
         raise ValueError(f"{iou_type} evaluation: results[0] has no {missing} (keys found: "
                          f"{sorted(results[0])})")
     # Fresh dicts: loadRes adds fields (id, area, ...) in place.
     loaded = [{key: result[key] for key in _RESULT_KEYS[iou_type]} for result in results]
-    if backend == "faster_coco_eval":
-        detections = (_faster_mask_results(ground_truth, loaded) if iou_type == "segm" else
-                      ground_truth.loadRes(loaded))
-        # One thread: the run's parallelism is its processes; threads would only contend.
-        evaluator = _faster_coco_eval().COCOeval_faster(
-            ground_truth, detections, iouType=iou_type, print_function=_discard,
-            rle_iou_max_workers=1)
+    with _captured_pycocotools_output():
+        if backend == "faster_coco_eval" and iou_type == "segm":
+            detections = _faster_mask_results(ground_truth, loaded)
+        else:
+            detections = ground_truth.loadRes(loaded)
+        evaluator = _new_evaluator(ground_truth, detections, iou_type, backend)
         evaluator.params.imgIds = list(image_ids)
+        evaluator.params.catIds = list(category_ids)
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
+    return {key: evaluator.eval[key] for key in ("precision", "recall")}
+
+
+def accumulate(ground_truth, results, image_ids=None, category_ids=None, iou_types=IOU_TYPES,
+               backend="pycocotools"):
+    """COCOeval's per-category precision and recall over a set of categories (a shard): the part
+    of the evaluation that can run in separate processes, category sets apart, since COCOeval
+    matches and accumulates every category on its own. `summarize` joins shards.
+
+    Args:
+      ground_truth, results, image_ids, iou_types, backend: as `evaluate` (results must not be
+        empty; results of other categories are ignored).
+      category_ids: the shard's categories (default: every category of the ground truth).
+    Returns:
+      {'category_ids': sorted list, iou_type: {'precision': [T, R, K, A, M] array,
+      'recall': [T, K, A, M] array}, ...} (COCOeval's `eval` arrays; K in category order).
+    Raises:
+      ValueError: as `evaluate`, or no result of these categories.
+    """
+    check_backend(backend)
+    ground_truth = _as_backend_ground_truth(ground_truth, backend)
+    _check_iou_types(iou_types)
+    image_ids = sorted(ground_truth.getImgIds() if image_ids is None else
+                       {int(i) for i in image_ids})
+    category_ids = sorted(ground_truth.getCatIds() if category_ids is None else
+                          {int(c) for c in category_ids})
+    wanted = set(category_ids)
+    results = [result for result in results if result.get("category_id") in wanted]
+    if not results:
+        raise ValueError(f"no results of categories {category_ids[:10]} to accumulate")
+    _check_results(ground_truth, results, image_ids)
+    return _accumulate(ground_truth, results, image_ids, category_ids, iou_types, backend)
+
+
+def _accumulate(ground_truth, results, image_ids, category_ids, iou_types, backend):
+    """`accumulate` of checked arguments (sorted ids, a backend COCO object, results only of
+    `category_ids`)."""
+    accumulation = {"category_ids": category_ids}
+    for iou_type in iou_types:
+        accumulation[iou_type] = _accumulate_one(ground_truth, results, image_ids, category_ids,
+                                                 iou_type, backend)
+    return accumulation
+
+
+def summarize(accumulations, iou_types=IOU_TYPES, backend="pycocotools"):
+    """The metrics of `evaluate` from the `accumulate` results of disjoint category shards.
+
+    The shards' arrays are joined along the category axis in category order, exactly the arrays
+    one COCOeval over all categories accumulates, and the back end's own `summarize` averages
+    them: the stats equal `evaluate`'s bit for bit.
+    """
+    check_backend(backend)
+    category_ids = [c for accumulation in accumulations for c in accumulation["category_ids"]]
+    if len(set(category_ids)) != len(category_ids):
+        raise ValueError("summarize: the shards' categories overlap")
+    order = sorted(range(len(category_ids)), key=category_ids.__getitem__)
+    metrics, tables = {}, []
+    for iou_type in iou_types:
+        arrays = {"precision": np.concatenate([a[iou_type]["precision"] for a in accumulations],
+                                              axis=2)[:, :, order],
+                  "recall": np.concatenate([a[iou_type]["recall"] for a in accumulations],
+                                           axis=1)[:, order]}
+        with _captured_pycocotools_output() as buffer:
+            evaluator = _new_evaluator(None, None, iou_type, backend)
+            evaluator.params.catIds = sorted(category_ids)
+            evaluator.eval = arrays
+            evaluator.summarize()
         stats = dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats[:len(STAT_NAMES)])))
-        return stats, _format_table(stats)
-    with _captured_pycocotools_output() as buffer:
-        detections = ground_truth.loadRes(loaded)
-        evaluator = cocoeval_lib.COCOeval(ground_truth, detections, iouType=iou_type)
-        evaluator.params.imgIds = list(image_ids)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        start = buffer.tell()
-        evaluator.summarize()
-        table = buffer.getvalue()[start:]
-    return dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats))), table
+        metrics[iou_type] = stats
+        table = buffer.getvalue() if backend == "pycocotools" else _format_table(stats)
+        tables.append(f"{iou_type}:\n{table}")
+    metrics["summary_text"] = "".join(tables)
+    return metrics
+
+
+def category_shards(ground_truth, results, num_shards):
+    """Every category of the ground truth in at most `num_shards` groups of similar COCOeval
+    work, each with at least one result (a category's work grows with its results and ground
+    truth objects; the largest go first to the lightest group).
+
+    Returns:
+      list of sorted category-id lists (fewer than num_shards when fewer categories have
+      results; empty when no result at all).
+    """
+    counts = collections.Counter(result.get("category_id") for result in results)
+    with_results = [c for c in counts if c is not None]
+    num_shards = max(1, min(int(num_shards), len(with_results)))
+    if not with_results:
+        return []
+
+    def weight(category):
+        return counts.get(category, 0) + len(ground_truth.catToImgs.get(category, ()))
+
+    shards = [[] for _ in range(num_shards)]
+    loads = [0] * num_shards
+    seeded = sorted(with_results, key=lambda c: (-weight(c), str(c)))
+    rest = sorted(set(ground_truth.getCatIds()) - set(with_results), key=lambda c: -weight(c))
+    for position, category in enumerate(seeded + rest):
+        # The first num_shards categories seed one shard each, so that none is without results.
+        target = position if position < num_shards else loads.index(min(loads))
+        shards[target].append(category)
+        loads[target] += weight(category)
+    return [sorted(shard) for shard in shards]
+
+
+def _check_iou_types(iou_types):
+    unknown_types = [t for t in iou_types if t not in IOU_TYPES]
+    if unknown_types:
+        raise ValueError(f"iou_types {unknown_types} unknown; expected some of {IOU_TYPES}")
 
 
 def evaluate(ground_truth, results, image_ids=None, iou_types=IOU_TYPES, backend="pycocotools"):
@@ -219,24 +333,18 @@ def evaluate(ground_truth, results, image_ids=None, iou_types=IOU_TYPES, backend
     """
     check_backend(backend)
     ground_truth = _as_backend_ground_truth(ground_truth, backend)
-    unknown_types = [t for t in iou_types if t not in IOU_TYPES]
-    if unknown_types:
-        raise ValueError(f"iou_types {unknown_types} unknown; expected some of {IOU_TYPES}")
+    _check_iou_types(iou_types)
+    results = list(results)
     image_ids = sorted(ground_truth.getImgIds() if image_ids is None else
                        {int(i) for i in image_ids})
-    results = list(results)
     _check_results(ground_truth, results, image_ids)
-    metrics, tables = {}, []
-    for iou_type in iou_types:
-        if results:
-            metrics[iou_type], table = _evaluate_one(ground_truth, results, image_ids, iou_type,
-                                                     backend)
-        else:  # pycocotools' loadRes cannot load an empty list
-            metrics[iou_type] = dict.fromkeys(STAT_NAMES, 0.0)
-            table = _format_table(metrics[iou_type])
-        tables.append(f"{iou_type}:\n{table}")
-    metrics["summary_text"] = "".join(tables)
-    return metrics
+    if not results:  # pycocotools' loadRes cannot load an empty list
+        metrics = {iou_type: dict.fromkeys(STAT_NAMES, 0.0) for iou_type in iou_types}
+        metrics["summary_text"] = format_stats_table(metrics)
+        return metrics
+    accumulation = _accumulate(ground_truth, results, image_ids, sorted(ground_truth.getCatIds()),
+                               iou_types, backend)
+    return summarize([accumulation], iou_types, backend)
 
 
 def _format_table(stats):

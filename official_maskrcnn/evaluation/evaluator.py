@@ -4,12 +4,12 @@
 padded orientation, like training), gathers every replica's outputs with `strategy.gather`
 (all workers receive everything), drops the padding entries (`is_valid` False) and checks that
 every record was seen exactly once. `PostProcessor` turns those outputs into COCO results (box
-conversion, mask pasting, RLE; in worker processes) and runs pycocotools' COCOeval, either at
+conversion, mask pasting, RLE; in worker processes) and runs COCOeval (in category shards over
+those processes), either at
 once or in the background (`submit` returns a future).
 """
 
 import concurrent.futures
-import functools
 import time
 
 import numpy as np
@@ -94,26 +94,35 @@ class Evaluator:
         return outputs
 
 
-def _postprocess(converter, outputs, label_to_category, annotations_file, image_ids, backend):
-    """Outputs -> COCO results (pasting in the converter's processes) -> metrics.
+def _score(converter, results, annotations_file, image_ids, backend):
+    """COCO metrics of `results`. With worker processes, COCOeval runs in category shards of
+    similar work, one in this process and one in each other worker, joined by
+    `coco_metrics.summarize` (the same stats as one COCOeval, bit for bit)."""
+    if converter.num_processes <= 1 or not results:
+        return coco_metrics.evaluate(annotations_file, results, image_ids=image_ids,
+                                     backend=backend)
+    ground_truth = coco_metrics.load_ground_truth(annotations_file, backend)
+    shards = coco_metrics.category_shards(ground_truth, results, converter.num_processes)
+    shard_of = {category: index for index, shard in enumerate(shards) for category in shard}
+    shard_results = [[] for _ in shards]
+    for result in results:
+        # A category the ground truth lacks goes to shard 0, whose check names it.
+        shard_results[shard_of.get(result["category_id"], 0)].append(result)
+    futures = [converter.submit(coco_metrics.accumulate, annotations_file, part, image_ids,
+                                shard, coco_metrics.IOU_TYPES, backend)
+               for shard, part in zip(shards[1:], shard_results[1:])]
+    accumulations = [coco_metrics.accumulate(ground_truth, shard_results[0], image_ids,
+                                             shards[0], coco_metrics.IOU_TYPES, backend)]
+    accumulations += [future.result() for future in futures]
+    return coco_metrics.summarize(accumulations, coco_metrics.IOU_TYPES, backend)
 
-    With worker processes, the segm evaluation (the slower one) runs in a worker while this
-    process scores the boxes.
-    """
+
+def _postprocess(converter, outputs, label_to_category, annotations_file, image_ids, backend):
+    """Outputs -> COCO results (pasting in the converter's processes) -> metrics."""
     start = time.perf_counter()
     results = converter.convert(outputs, label_to_category)
     convert_seconds = time.perf_counter() - start
-    evaluate = functools.partial(coco_metrics.evaluate, annotations_file, results,
-                                 image_ids=image_ids, backend=backend)
-    if converter.num_processes > 1 and results:
-        segm = converter.submit(coco_metrics.evaluate, annotations_file, results, image_ids,
-                                ("segm",), backend)
-        metrics = evaluate(iou_types=("bbox",))
-        segm = segm.result()
-        metrics["segm"] = segm["segm"]
-        metrics["summary_text"] += segm["summary_text"]
-    else:
-        metrics = evaluate()
+    metrics = _score(converter, results, annotations_file, image_ids, backend)
     metrics["seconds"] = {"convert": convert_seconds, "total": time.perf_counter() - start}
     metrics["coco_backend"] = backend
     return metrics, results
@@ -122,14 +131,16 @@ def _postprocess(converter, outputs, label_to_category, annotations_file, image_
 class PostProcessor:
     """COCO results and metrics from gathered outputs, now or in the background.
 
-    The background work runs in one thread of this process; its heavy part, pasting masks and
-    encoding RLE, runs in `num_processes` worker processes that live as long as this object, and
-    with two or more of them the segm COCOeval runs in a worker beside the bbox one.
+    The background work runs in one thread of this process. With `num_processes` >= 2, worker
+    processes that live as long as this object paste masks and encode RLE (images split between
+    them), then COCOeval runs in category shards, one in this process and one in each other
+    worker (`coco_metrics.category_shards`).
 
     Args:
       annotations_file: the COCO annotation JSON of the eval split (its categories give the
         label map, as the converter built it).
-      num_processes: processes pasting masks and encoding RLE (1: in this process).
+      num_processes: processes pasting masks, encoding RLE and scoring (1: all in this
+        process).
       backend: the COCOeval implementation, one of `coco_metrics.BACKENDS`.
     """
 

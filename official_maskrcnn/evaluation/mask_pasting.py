@@ -85,8 +85,7 @@ def pasted_masks(masks, boxes_xyxy, image_height, image_width, threshold=0.5):
     if boxes.shape[0] != masks.shape[0]:
         raise ValueError(f"{masks.shape[0]} masks but {boxes.shape[0]} boxes")
     height, width = int(image_height), int(image_width)
-    size = [height, width]
-    return [PastedMask({"size": size, "counts": counts}, area, list(bbox))
+    return [PastedMask({"size": [height, width], "counts": counts}, area, list(bbox))
             for counts, area, bbox in _native().paste_rles(masks, boxes, height, width,
                                                            float(threshold))]
 

@@ -134,6 +134,61 @@ class BackendEqualityTest(tf.test.TestCase):
             coco_metrics.load_ground_truth(COCO128_JSON, backend="fast")
 
 
+class CategoryShardTest(tf.test.TestCase):
+    """COCOeval in category shards (how several processes score) gives `evaluate`'s stats bit for
+    bit, with either back end."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.ground_truth = coco_metrics.load_ground_truth(COCO128_JSON)
+        cls.image_ids = sorted(cls.ground_truth.getImgIds())[:40]
+        cls.results = perturbed_results(cls.ground_truth, cls.image_ids, seed=6)
+
+    def test_shards_cover_every_category_once_and_balance(self):
+        categories = sorted(self.ground_truth.getCatIds())
+        for num_shards in (1, 2, 3, 7):
+            shards = coco_metrics.category_shards(self.ground_truth, self.results, num_shards)
+            self.assertLen(shards, num_shards)
+            self.assertEqual(sorted(c for shard in shards for c in shard), categories)
+            with_results = {r["category_id"] for r in self.results}
+            for shard in shards:
+                self.assertTrue(with_results & set(shard), msg=str(shard))
+        loads = [sum(r["category_id"] in set(shard) for r in self.results)
+                 for shard in coco_metrics.category_shards(self.ground_truth, self.results, 2)]
+        self.assertLess(abs(loads[0] - loads[1]), 0.2 * sum(loads))
+        # Fewer categories with results than shards asked for: one shard per such category.
+        few = [r for r in self.results if r["category_id"] in (1, 3)]
+        self.assertLen(coco_metrics.category_shards(self.ground_truth, few, 5), 2)
+        self.assertEqual(coco_metrics.category_shards(self.ground_truth, [], 3), [])
+
+    def test_sharded_stats_equal_one_evaluation(self):
+        for backend in coco_metrics.BACKENDS:
+            whole = coco_metrics.evaluate(COCO128_JSON, self.results, self.image_ids,
+                                          backend=backend)
+            for num_shards in (2, 3, 5):
+                shards = coco_metrics.category_shards(self.ground_truth, self.results, num_shards)
+                parts = [coco_metrics.accumulate(COCO128_JSON, self.results, self.image_ids,
+                                                 shard, backend=backend) for shard in shards]
+                joined = coco_metrics.summarize(parts[::-1], backend=backend)  # any order
+                for iou_type in coco_metrics.IOU_TYPES:
+                    self.assertEqual(joined[iou_type], whole[iou_type],
+                                     msg=f"{backend}, {num_shards} shards, {iou_type}")
+                self.assertEqual(joined["summary_text"], whole["summary_text"])
+
+    def test_bad_shards(self):
+        unused = sorted(set(self.ground_truth.getCatIds()) -
+                        {r["category_id"] for r in self.results})[:2]
+        with self.assertRaisesRegex(ValueError, "no results of categories"):
+            coco_metrics.accumulate(COCO128_JSON, self.results, self.image_ids, unused)
+        part = coco_metrics.accumulate(COCO128_JSON, self.results, self.image_ids, [1, 3])
+        with self.assertRaisesRegex(ValueError, "the shards' categories overlap"):
+            coco_metrics.summarize([part, part])
+        with self.assertRaisesRegex(ValueError, "category_id 12 is not a category"):
+            coco_metrics.accumulate(COCO128_JSON, [dict(self.results[0], category_id=12)],
+                                    self.image_ids, [1, 12])
+
+
 class PostProcessorBackendTest(tf.test.TestCase):
     """The post-processor in one process and in two (segm scored in a worker), each back end."""
 
