@@ -276,17 +276,21 @@ def summarize(accumulations, iou_types=IOU_TYPES, backend="pycocotools"):
     return metrics
 
 
-def category_shards(ground_truth, results, num_shards):
+def category_shards(ground_truth, result_categories, num_shards):
     """Every category of the ground truth in at most `num_shards` groups of similar COCOeval
     work, each with at least one result (a category's work grows with its results and ground
     truth objects; the largest go first to the lightest group).
 
+    Args:
+      ground_truth: the back end's COCO object.
+      result_categories: the category id of each result (an iterable of ints).
+      num_shards: the most groups wanted.
     Returns:
       list of sorted category-id lists (fewer than num_shards when fewer categories have
-      results; empty when no result at all).
+      results; empty when there is no result).
     """
-    counts = collections.Counter(result.get("category_id") for result in results)
-    with_results = [c for c in counts if c is not None]
+    counts = collections.Counter(result_categories)
+    with_results = list(counts)
     num_shards = max(1, min(int(num_shards), len(with_results)))
     if not with_results:
         return []

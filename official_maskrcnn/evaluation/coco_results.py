@@ -14,7 +14,11 @@ Reference semantics (MLPerf maskrcnn-benchmark, `coco_eval.prepare_for_coco_*` a
 """
 
 import concurrent.futures
+import contextlib
 import multiprocessing
+import sys
+import time
+import types
 
 import numpy as np
 
@@ -127,6 +131,20 @@ def _split(outputs, num_chunks):
             for start, stop in zip(bounds[:-1], bounds[1:]) if stop > start]
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Within the context, processes started with 'spawn' do not import the parent's main
+    module: spawn re-imports it in every child, and for `python -m official_maskrcnn.train` that
+    means TensorFlow in each worker (seconds to start, hundreds of MB, and a garbage collector
+    walking TensorFlow's objects during every evaluation). An empty module stands in for it."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class ResultConverter:
     """`detections_to_coco` over a pool of worker processes that lives across calls.
 
@@ -147,6 +165,13 @@ class ResultConverter:
         if self.num_processes > 1:
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 max_workers=self.num_processes, mp_context=multiprocessing.get_context("spawn"))
+            with _main_module_hidden():
+                # Start every worker now (the executor starts them on demand, one per busy
+                # submit): tasks that all wait for the last one to be submitted.
+                started = [self._executor.submit(time.sleep, 0.05)
+                           for _ in range(self.num_processes)]
+            for future in started:
+                future.result()
 
     def convert(self, outputs, label_to_category, mask_threshold=0.5, include_masks=True):
         """Same arguments and result (same order) as `detections_to_coco`."""

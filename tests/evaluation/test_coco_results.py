@@ -1,7 +1,10 @@
 """Tests for official_maskrcnn.evaluation.coco_results: label map, mask pasting, RLE, conversion."""
 
+import importlib
 import json
 import os
+import sys
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -13,6 +16,7 @@ COCO128_JSON = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared
                             "coco128", "annotations", "instances_train2017.json")
 COCO128_JSON = os.path.normpath(COCO128_JSON)
 TENSORFLOW_LOADED = "'tensorflow' in __import__('sys').modules"
+WORKER_MAIN_MARK = "getattr(__import__('sys').modules.get('__mp_main__'), 'HEAVY', None)"
 
 
 def reference_paste(mask, box_xyxy, height, width, threshold=0.5):
@@ -238,6 +242,26 @@ class ParallelConversionTest(tf.test.TestCase):
             # Workers never import TensorFlow (this test module does, so the check is a builtin).
             self.assertFalse(converter.submit(eval, TENSORFLOW_LOADED).result())
         self.assertEqual(coco_results.convert_in_processes(outputs, label_map, 2), serial)
+
+    def test_workers_do_not_import_the_parents_main_module(self):
+        # Started with `python -m official_maskrcnn.train`, spawn would re-import the entry
+        # (and TensorFlow) in every worker.
+        with tempfile.TemporaryDirectory() as directory:
+            with open(os.path.join(directory, "heavy_entry.py"), "w", encoding="utf-8") as f:
+                f.write("HEAVY = 'imported'\n")
+            sys.path.insert(0, directory)
+            main = sys.modules["__main__"]
+            try:
+                sys.modules["__main__"] = importlib.import_module("heavy_entry")
+                with coco_results.ResultConverter(2) as converter:
+                    # Every worker was started at construction.
+                    self.assertLen(converter._executor._processes, 2)
+                    seen = [converter.submit(eval, WORKER_MAIN_MARK).result() for _ in range(4)]
+            finally:
+                sys.modules["__main__"] = main
+                sys.path.remove(directory)
+                sys.modules.pop("heavy_entry", None)
+        self.assertEqual(seen, [None] * 4)
 
 
 if __name__ == "__main__":

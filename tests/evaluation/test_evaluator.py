@@ -1,5 +1,6 @@
 """Evaluator + PostProcessor on a tiny model: every image exactly once, on one and two replicas."""
 
+import gc
 import tempfile
 from unittest import mock
 
@@ -72,6 +73,24 @@ class EvaluatorTest(tf.test.TestCase):
         with mock.patch.object(type(builder), "num_records", NUM_IMAGES + 1):
             with self.assertRaisesRegex(evaluator_lib.EvaluationError, "13 image"):
                 evaluator.predict()
+
+
+class CyclicGcPauseTest(tf.test.TestCase):
+
+    def test_paused_inside_and_restored_after_even_on_error(self):
+        self.assertTrue(gc.isenabled())
+        with self.assertRaises(KeyError):
+            with evaluator_lib._cyclic_gc_paused():
+                self.assertFalse(gc.isenabled())
+                raise KeyError("boom")
+        self.assertTrue(gc.isenabled())
+        gc.disable()  # a caller that disabled it itself keeps it disabled
+        try:
+            with evaluator_lib._cyclic_gc_paused():
+                pass
+            self.assertFalse(gc.isenabled())
+        finally:
+            gc.enable()
 
 
 if __name__ == "__main__":
