@@ -64,7 +64,8 @@ class RunSettings:
       eval_batch_size: eval images per step over all replicas (None: global_batch_size).
       eval_interval: evaluate every N epochs.
       eval_async: post-process evaluations in the background (one worker only).
-      eval_processes: processes pasting masks and encoding RLE.
+      eval_processes: processes pasting masks, encoding RLE and running COCOeval in category
+        shards (1: all in the training process).
       coco_backend: the COCOeval implementation, "pycocotools" (the reference's) or
         "faster_coco_eval" (the same metrics, C++; `evaluation.coco_metrics`).
       box_target, mask_target: stop when both APs reach them (MLPerf: 0.377, 0.339).
