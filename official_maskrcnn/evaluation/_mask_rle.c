@@ -17,11 +17,17 @@
  * the x interpolation first, every product and sum rounded to float32 (the build turns off
  * fused multiply-add contraction: -ffp-contract=off).
  *
- * Speed. Per image column of the crop, the 30 x-interpolated values X[k] of the padded mask's
- * rows are computed once. Visible rows that share their source pair (i0, i1) form a segment
- * whose values lie between X[i0] and X[i1] up to rounding; a segment clear of the threshold by
- * more than a bound on that rounding is written as a whole, the others pixel by pixel with the
- * exact expression above. The result is exactly the pixel-by-pixel one.
+ * Speed. Visible rows that share their source rows (i0, i1) form a segment. For the image
+ * columns that share their source columns (j0, j1) a plan is made once: a segment whose 2 x 2
+ * source cell has all four corners clear of the threshold by more than a bound on float32
+ * rounding is set (or clear) as a whole, and such neighbours merge. In each column the remaining
+ * segments get their two x-interpolated values; those clear of the threshold (one lerp's
+ * rounding) are again decided whole, and only the rest, the rows near the mask's edge, are
+ * evaluated pixel by pixel with the exact expression above. Every pixel is exactly what the
+ * pixel-by-pixel evaluation gives; runs come out in column-major order, merging across columns.
+ *
+ * rle_area_bbox(rles) -> [(area, [x, y, w, h]), ...]: pycocotools' `area` and `toBbox` of
+ * compressed RLEs in one call, with clear errors for malformed ones.
  *
  * The work runs without the GIL; only the result objects are built with it.
  */
@@ -225,12 +231,12 @@ static int64_t build_plan(const Scratch *scratch, int64_t num_segments, int j0, 
     return size;
 }
 
-/* One detection's mask -> its runs. Returns 0, or -1 when out of memory. */
-static int paste_one(const float *mask, int mask_size, const int64_t *box, int64_t height,
-                     int64_t width, float threshold, Scratch *scratch, MaskResult *result) {
+/* The runs of one detection's mask (`runs` initialised). Returns 0, or -1 out of memory. */
+static int paste_runs(const float *mask, int mask_size, const int64_t *box, int64_t height,
+                      int64_t width, float threshold, Scratch *scratch, Runs *runs_out) {
     const int side = scratch->side;
-    Runs runs;
-    runs_init(&runs, height);
+    Runs runs = *runs_out;
+    int status = -1;
     int64_t x0 = box[0], y0 = box[1], x1 = box[2], y1 = box[3];
     int64_t box_w = x1 - x0 + 1 > 1 ? x1 - x0 + 1 : 1;
     int64_t box_h = y1 - y0 + 1 > 1 ? y1 - y0 + 1 : 1;
@@ -277,7 +283,7 @@ static int paste_one(const float *mask, int mask_size, const int64_t *box, int64
                 if (item->kind == ROWS_SET) {
                     if (open < 0) open = item->start;
                 } else if (item->kind == ROWS_CLEAR) {
-                    if (open >= 0 && runs_add(&runs, x, top + open, top + item->start)) return -1;
+                    if (open >= 0 && runs_add(&runs, x, top + open, top + item->start)) goto out;
                     open = -1;
                 } else {
                     /* torch's order: along x (source rows i0 and i1), then along y. */
@@ -294,7 +300,7 @@ static int paste_one(const float *mask, int mask_size, const int64_t *box, int64
                     }
                     if ((double)threshold - high > lerp_margin) {
                         if (open >= 0 && runs_add(&runs, x, top + open, top + item->start))
-                            return -1;
+                            goto out;
                         open = -1;
                         continue;
                     }
@@ -303,16 +309,30 @@ static int paste_one(const float *mask, int mask_size, const int64_t *box, int64
                         if (value > threshold) {
                             if (open < 0) open = r;
                         } else if (open >= 0) {
-                            if (runs_add(&runs, x, top + open, top + r)) return -1;
+                            if (runs_add(&runs, x, top + open, top + r)) goto out;
                             open = -1;
                         }
                     }
                 }
             }
-            if (open >= 0 && runs_add(&runs, x, top + open, top + rows)) return -1;
+            if (open >= 0 && runs_add(&runs, x, top + open, top + rows)) goto out;
         }
     }
-    if (runs_finish(&runs, height * width)) return -1;
+    status = runs_finish(&runs, height * width);
+out:
+    *runs_out = runs;
+    return status;
+}
+
+/* One detection's mask -> its counts, area and box. Returns 0, or -1 when out of memory. */
+static int paste_one(const float *mask, int mask_size, const int64_t *box, int64_t height,
+                     int64_t width, float threshold, Scratch *scratch, MaskResult *result) {
+    Runs runs;
+    runs_init(&runs, height);
+    if (paste_runs(mask, mask_size, box, height, width, threshold, scratch, &runs)) {
+        free(runs.counts.data);
+        return -1;
+    }
     result->counts = runs.counts;
     result->area = runs.area;
     if (runs.area > 0) {

@@ -5,8 +5,7 @@ padded orientation, like training), gathers every replica's outputs with `strate
 (all workers receive everything), drops the padding entries (`is_valid` False) and checks that
 every record was seen exactly once. `PostProcessor` turns those outputs into COCO results (box
 conversion, mask pasting, RLE; in worker processes) and runs COCOeval (in category shards over
-those processes), either at
-once or in the background (`submit` returns a future).
+those processes), either at once or in the background (`submit` returns a future).
 """
 
 import concurrent.futures
@@ -101,7 +100,8 @@ def _cyclic_gc_paused():
     """Pauses Python's cyclic garbage collector (reference counting goes on). The results of an
     evaluation are ~10^5 new containers, enough to trigger full collections, and in a process
     holding TensorFlow each walks its ~4 x 10^5 objects: 0.1-0.2 s per collection, seen adding
-    ~1 ms per image to the post-processing. The results hold no reference cycles."""
+    ~1 ms per image to the post-processing. The results hold no reference cycles; other
+    threads' collections (the training loop's, in asynchronous mode) wait until the end."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
