@@ -30,7 +30,6 @@ import collections
 import contextlib
 import datetime
 import functools
-import gc
 import io
 import os
 import platform
@@ -130,7 +129,9 @@ def _median_ms(seconds, num_images):
 
 def time_stages(outputs, label_map, annotations, repeats):
     """{stage: [seconds per repeat]} of the one-process pipeline, stage by stage."""
-    from official_maskrcnn.evaluation import coco_metrics, coco_results, mask_pasting
+    from official_maskrcnn.evaluation import coco_metrics, coco_results
+    from official_maskrcnn.evaluation import evaluator as evaluator_lib
+    from official_maskrcnn.evaluation import mask_pasting
     per_image = []
     for i in range(len(outputs["source_id"])):
         keep = outputs["detection_classes"][i] > 0
@@ -141,22 +142,22 @@ def time_stages(outputs, label_map, annotations, repeats):
     results = coco_results.detections_to_coco(outputs, label_map)
     seconds = collections.defaultdict(list)
     # As `PostProcessor` runs them: without full garbage collections over TensorFlow's objects.
-    gc.disable()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        coco_results.detections_to_coco(outputs, label_map, include_masks=False)
-        seconds[STAGES[0]].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for args in per_image:
-            mask_pasting.pasted_masks(*args, 0.5)
-        seconds[STAGES[1]].append(time.perf_counter() - start)
-        for backend in coco_metrics.BACKENDS:
-            for iou_type in coco_metrics.IOU_TYPES:
-                start = time.perf_counter()
-                coco_metrics.evaluate(annotations, results, iou_types=(iou_type,),
-                                      backend=backend)
-                seconds[f"{iou_type} COCOeval, {backend}"].append(time.perf_counter() - start)
-    gc.enable()
+    with evaluator_lib.cyclic_gc_paused():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            coco_results.detections_to_coco(outputs, label_map, include_masks=False)
+            seconds[STAGES[0]].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for args in per_image:
+                mask_pasting.pasted_masks(*args, 0.5)
+            seconds[STAGES[1]].append(time.perf_counter() - start)
+            for backend in coco_metrics.BACKENDS:
+                for iou_type in coco_metrics.IOU_TYPES:
+                    start = time.perf_counter()
+                    coco_metrics.evaluate(annotations, results, iou_types=(iou_type,),
+                                          backend=backend)
+                    seconds[f"{iou_type} COCOeval, {backend}"].append(
+                        time.perf_counter() - start)
     return seconds
 
 

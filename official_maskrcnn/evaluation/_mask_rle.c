@@ -1,6 +1,6 @@
 /* The reference's mask pasting, straight to compressed COCO RLE, for `mask_pasting`.
  *
- * paste_rles(masks, boxes, height, width, threshold) -> [(counts, area, (x, y, w, h)), ...]
+ * paste_rles(masks, boxes, height, width, threshold) -> [(counts, area, [x, y, w, h]), ...]
  *   masks:  [T, M, M] float32, C-contiguous (probabilities of the detected class).
  *   boxes:  [T, 4] int64 [x0, y0, x1, y1] inclusive paste boxes (`expanded_int_boxes`).
  *   height, width: H, W of the image.
@@ -374,7 +374,7 @@ static PyObject *build_results(MaskResult *results, Py_ssize_t num) {
     for (Py_ssize_t t = 0; t < num; t++) {
         size_t length = compress_counts(&results[t].counts, text);
         const int64_t *bb = results[t].bbox;
-        PyObject *item = Py_BuildValue("(s#L(LLLL))", text, (Py_ssize_t)length,
+        PyObject *item = Py_BuildValue("(s#L[LLLL])", text, (Py_ssize_t)length,
                                        (long long)results[t].area, (long long)bb[0],
                                        (long long)bb[1], (long long)bb[2], (long long)bb[3]);
         if (!item) {
@@ -603,7 +603,7 @@ fail:
 static PyMethodDef methods[] = {
     {"paste_rles", paste_rles, METH_VARARGS,
      "paste_rles(masks [T, M, M] float32, boxes [T, 4] int64, height, width, threshold)\n"
-     "-> list of T (compressed COCO RLE counts: str, area: int, bbox: (x, y, w, h)).\n"
+     "-> list of T (compressed COCO RLE counts: str, area: int, bbox: [x, y, w, h]).\n"
      "See the module source for the exact pasting rule."},
     {"rle_area_bbox", rle_area_bbox, METH_VARARGS,
      "rle_area_bbox(rles: list of {'size': [h, w], 'counts': str or bytes})\n"

@@ -14,12 +14,12 @@ Reference (maskrcnn-benchmark `paste_mask_in_image(padding=1)`), for each detect
      clipped to the image.
 Step 3 runs along x, then along y (torch's order), each product and sum rounded to float32.
 
-Steps 3-4 and the RLE encoding run in C (`_mask_rle.c`, built with the package): per column of the
-box's visible part, the padded mask's 30 rows are interpolated along x once, and every run of rows
-whose two source values are both clear of the threshold (beyond float32 rounding) is written
-whole; only the rows near the mask's edge are evaluated pixel by pixel. The RLE comes out of that
-walk directly, in column-major order, so the cost per detection follows the box's columns, never
-H x W. The C code does no BLAS or threading, so a busy core cannot stall it beyond its own share.
+Steps 3-4 and the RLE encoding run in C (`_mask_rle.c`, built with the package): rows of the
+box whose source cell clears the threshold (beyond float32 rounding) are written whole, decided
+once for all the columns that share their source columns; only the rows near the mask's edge are
+evaluated pixel by pixel. The RLE comes out of that walk directly, in column-major order, so the
+cost per detection follows the box's columns, never H x W. The C code does no BLAS or threading,
+so a busy core cannot stall it beyond its own share. `rle_areas_and_boxes` is its other entry.
 """
 
 import collections
@@ -85,9 +85,22 @@ def pasted_masks(masks, boxes_xyxy, image_height, image_width, threshold=0.5):
     if boxes.shape[0] != masks.shape[0]:
         raise ValueError(f"{masks.shape[0]} masks but {boxes.shape[0]} boxes")
     height, width = int(image_height), int(image_width)
-    return [PastedMask({"size": [height, width], "counts": counts}, area, list(bbox))
+    return [PastedMask({"size": [height, width], "counts": counts}, area, bbox)
             for counts, area, bbox in _native().paste_rles(masks, boxes, height, width,
                                                            float(threshold))]
+
+
+def rle_areas_and_boxes(rles):
+    """pycocotools' `area` and `toBbox` of compressed RLEs, in one C call.
+
+    Args:
+      rles: list of {'size': [h, w], 'counts': str or bytes}.
+    Returns:
+      list of (area: int, [x, y, w, h] floats).
+    Raises:
+      ValueError: a malformed RLE (named by its position and size).
+    """
+    return _native().rle_area_bbox(rles)
 
 
 def pasted_rles(masks, boxes_xyxy, image_height, image_width, threshold=0.5):

@@ -80,13 +80,13 @@ class CyclicGcPauseTest(tf.test.TestCase):
     def test_paused_inside_and_restored_after_even_on_error(self):
         self.assertTrue(gc.isenabled())
         with self.assertRaises(KeyError):
-            with evaluator_lib._cyclic_gc_paused():
+            with evaluator_lib.cyclic_gc_paused():
                 self.assertFalse(gc.isenabled())
                 raise KeyError("boom")
         self.assertTrue(gc.isenabled())
         gc.disable()  # a caller that disabled it itself keeps it disabled
         try:
-            with evaluator_lib._cyclic_gc_paused():
+            with evaluator_lib.cyclic_gc_paused():
                 pass
             self.assertFalse(gc.isenabled())
         finally:
