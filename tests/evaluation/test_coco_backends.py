@@ -192,7 +192,8 @@ class CategoryShardTest(tf.test.TestCase):
 
 
 class PostProcessorBackendTest(tf.test.TestCase):
-    """The post-processor in one process and in two (segm scored in a worker), each back end."""
+    """The post-processor in one process and in two (COCOeval in category shards in the
+    workers), each back end."""
 
     def test_same_metrics_and_results_in_one_and_two_processes(self):
         ground_truth = coco_metrics.load_ground_truth(COCO128_JSON)

@@ -207,7 +207,7 @@ class TrainEntryTest(tf.test.TestCase):
             with open(os.path.join(sync_dir, "metrics.jsonl")) as f:
                 type(self).sync_metrics = [json.loads(line) for line in f]
         model_dir = os.path.join(self.create_tempdir().full_path, "model")
-        # Also the fast COCOeval back end, with segm scored in a worker process.
+        # Also the fast COCOeval back end, scored in category shards in the worker processes.
         _, out = self.run_smoke(model_dir, "run.eval_async = True", "run.eval_processes = 2",
                                 "run.coco_backend = 'faster_coco_eval'")
         with open(os.path.join(model_dir, "metrics.jsonl")) as f:
