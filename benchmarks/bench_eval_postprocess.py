@@ -1,6 +1,7 @@
 """Benchmark: COCO eval post-processing (boxes, mask pasting, RLE, COCOeval bbox and segm), per
 stage and end to end, in 1 and 2 processes, idle and beside a busy core, both COCOeval back ends,
-against tf-models-official's `COCOEvaluator` on the same detections in the same run.
+against tf-models-official's `COCOEvaluator` on the same detections in the same run, and the
+machine's own 2-process ceiling (`machine.ProcessScaling`) measured between the repeats.
 
 Exact command (from the repository root)::
 
@@ -38,7 +39,7 @@ import sys
 import time
 
 import numpy as np
-from machine import cpu_model, package_version
+from machine import ProcessScaling, cpu_model, package_version
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO128_JSON = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "coco128",
@@ -216,7 +217,9 @@ def main(argv):
     variants["Model Garden COCOEvaluator"] = (1, lambda: run_model_garden(
         mg_evaluator, outputs, label_map))
     seconds, aps = collections.defaultdict(list), {}
+    scaling = ProcessScaling()
     for repeat in range(args.repeats):
+        scaling.measure()
         for busy in (False, True):
             order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
             with Burner() if busy else contextlib.nullcontext():
@@ -230,6 +233,7 @@ def main(argv):
                         aps[name] = (float(result["AP"]), float(result["mask_AP"]))
     for p in post.values():
         p.close()
+    scaling.close()
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"### Eval post-processing (boxes, pasting, RLE, COCOeval bbox & segm)\n\n"
@@ -271,6 +275,11 @@ def main(argv):
             print(f"| {name} | {'yes' if busy else 'no'} | {median / num_images * 1000:.1f} | "
                   f"{median * processes / num_images * 1000:.2f} | {runs} | {peer / median:.2f} "
                   f"| {speedup} | {aps[name][0]:.4f} | {aps[name][1]:.4f} |")
+    print(f"\nThis machine's own ceiling for 2 processes against 1 (`machine.ProcessScaling`: a "
+          f"pure-Python loop alone and as two concurrent copies, once per repeat): "
+          f"**{scaling.ceiling():.2f}x** (one: "
+          f"{', '.join(f'{s:.2f}' for s in scaling.one)} s; two: "
+          f"{', '.join(f'{s:.2f}' for s in scaling.two)} s).")
     fastest = min(statistics.median(seconds[name, False]) * processes / num_images
                   for name, (processes, _) in variants.items() if name.startswith("ours"))
     print(f"\nExtrapolation (not a measurement): at the fastest ms / image / process above, "
