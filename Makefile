@@ -10,7 +10,7 @@ RUNS := runs
 DEMO := $(RUNS)/demo
 DEMO_WORKERS ?= 2
 
-.PHONY: demo test lint format install clean-demo
+.PHONY: demo demo-export test lint format install clean-demo
 
 install: $(STAMP)
 
@@ -56,6 +56,15 @@ demo: $(STAMP)
 	@echo "Demo outputs are under $(DEMO)/: COCO data in coco/, records in tfrecords/, the run in"
 	@echo "model/ (checkpoints, metrics.jsonl: mAP per epoch, mlperf.log, eval-*.json, TensorBoard),"
 	@echo "pictures of val predictions in predictions/."
+
+# After `make demo`: its model as a SavedModel (image bytes in, masks in original pixels out),
+# served on the same val pictures by `predict --saved_model` (no checkpoint, no config).
+demo-export: $(STAMP)
+	$(PY) -m official_maskrcnn.export --gin_file configs/demo.gin --checkpoint $(DEMO)/model \
+	  --export_dir $(DEMO)/export --overwrite
+	$(PY) -m official_maskrcnn.predict --saved_model $(DEMO)/export \
+	  --output_dir $(DEMO)/served $$(ls $(DEMO)/coco/val/*.jpg | head -6)
+	@echo "The SavedModel is in $(DEMO)/export/, its pictures of the val images in $(DEMO)/served/."
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -2,6 +2,7 @@ r"""Detections and pictures for image files, from a checkpoint and the training 
 
     python -m official_maskrcnn.predict --gin_file F --checkpoint C --output_dir O \
         [--score_threshold 0.5] [--max_detections 100] [--gin_param B ...] IMAGE...
+    python -m official_maskrcnn.predict --saved_model E --output_dir O [...] IMAGE...
 
 Uses the training config (F, plus `--gin_param`): the model (`build_maskrcnn_model`,
 `run.precision`), the eval preprocessing (`DatasetBuilder.min_size`, `max_size`,
@@ -10,6 +11,10 @@ them) and `run.eval_annotations_file` (optional) for class names and COCO catego
 it a class is named "class <label>" and its category_id is the label (1..K-1). C is a checkpoint
 prefix (`.../ckpt-<step>`) or a folder (its newest readable checkpoint: an unreadable newest one
 falls back to the previous one with a warning, as training does); only the model is restored.
+
+With --saved_model E (an export of `official_maskrcnn.export`) the exported graph does all of
+the below instead of the checkpoint and config (class names and category ids from E's
+label_map.json; its own score threshold and detection cap apply first).
 
 Each image (JPEG or PNG; grayscale and RGBA are converted to RGB) is resized, normalised and
 padded exactly as the eval parser does, run through the model's inference call (one traced
@@ -52,14 +57,17 @@ from absl import app, flags
 from PIL import Image
 
 from official_maskrcnn import runtime, visualization
-from official_maskrcnn.inference import image_files
+from official_maskrcnn.inference import exported_model, image_files
 from official_maskrcnn.inference import predictor as predictor_lib
 from official_maskrcnn.inference.image_files import PredictError
 
 FLAGS = flags.FLAGS  # --gin_file, --gin_param, --checkpoint: defined in `runtime`
 flags.DEFINE_string("output_dir", None, "Where the pictures, predictions.json and images.json go.")
-flags.DEFINE_float("score_threshold", 0.5, "Keep detections with at least this score.")
-flags.DEFINE_integer("max_detections", 100, "Keep at most this many detections per image.")
+# --score_threshold (default here 0.5) and --max_detections: defined in `runtime`, shared with
+# `export`.
+DEFAULT_SCORE_THRESHOLD = 0.5
+flags.DEFINE_string("saved_model", None, "An export of `official_maskrcnn.export` to run instead "
+                    "of --checkpoint and --gin_file.")
 
 PREDICTIONS_FILE = "predictions.json"
 IMAGES_FILE = "images.json"
@@ -104,35 +112,67 @@ def predict(image_paths, output_dir, checkpoint, score_threshold=0.5, max_detect
       PredictError: bad arguments, inputs, checkpoint or annotations; raised before anything
         is written.
     """
+    _check_arguments(output_dir, score_threshold, max_detections)
+    settings = settings or runtime.run_settings()
+    candidates = predictor_lib.resolve_checkpoint(checkpoint)
+    parser = predictor_lib.eval_preprocessing()
+    label_map = predictor_lib.load_label_map(settings.eval_annotations_file)
+    inputs = image_files.check_inputs(list(image_paths), output_dir)
+    model, _ = predictor_lib.restore_model(candidates, settings.precision)
+    class_names, label_to_category = predictor_lib.class_maps(label_map,
+                                                              model.settings.num_classes)
+    predictor = predictor_lib.Predictor(model, parser)
+
+    def detect(unused_encoded, image, image_id):
+        outputs = predictor(image)
+        keep = predictor_lib.select_detections(outputs, score_threshold, max_detections)
+        return predictor_lib.image_detections(outputs, keep, image_id, label_to_category)
+
+    return _write_predictions(inputs, output_dir, detect, class_names, stream)
+
+
+def predict_saved_model(image_paths, output_dir, saved_model, score_threshold=0.5,
+                        max_detections=100, stream=sys.stdout):
+    """`predict` with an exported SavedModel (`official_maskrcnn.export`) instead of a
+    checkpoint and config: the same pictures and files; class names and category ids from the
+    export's label map. Returns the COCO results (all images).
+
+    Raises:
+      PredictError: bad arguments, inputs or export; raised before anything is written.
+    """
+    _check_arguments(output_dir, score_threshold, max_detections)
+    inputs = image_files.check_inputs(list(image_paths), output_dir)
+    exported = exported_model.ExportedModel(saved_model)
+
+    def detect(encoded, image, image_id):
+        return exported(encoded, image.numpy(), image_id, score_threshold, max_detections)
+
+    return _write_predictions(inputs, output_dir, detect, exported.class_names, stream)
+
+
+def _check_arguments(output_dir, score_threshold, max_detections):
     if not 0.0 <= score_threshold <= 1.0:
         raise PredictError(f"--score_threshold must be in [0, 1], found {score_threshold}")
     if max_detections < 1:
         raise PredictError(f"--max_detections must be >= 1, found {max_detections}")
     if not output_dir:
         raise PredictError("--output_dir is required")
-    settings = settings or runtime.run_settings()
-    candidates = predictor_lib.resolve_checkpoint(checkpoint)
-    parser = predictor_lib.eval_preprocessing()
-    label_map = predictor_lib.load_label_map(settings.eval_annotations_file)
-    inputs = image_files.check_inputs(list(image_paths), output_dir)
-    model = predictor_lib.restore_model(candidates, settings.precision)
-    class_names, label_to_category = predictor_lib.class_maps(label_map,
-                                                              model.settings.num_classes)
-    predictor = predictor_lib.Predictor(model, parser)
 
+
+def _write_predictions(inputs, output_dir, detect, class_names, stream):
+    """Runs detect(encoded bytes, [H, W, 3] uint8 image, image_id) -> detections
+    (`predictor.image_detections`' dict, labels keyed like class_names) on every checked input;
+    writes the pictures, predictions.json and images.json; returns all COCO results."""
     tf.io.gfile.makedirs(output_dir)
     all_results = []
     for item in inputs:
         encoded, _ = image_files.read_image_bytes(item.path)
         image = image_files.decode_image(encoded, item.image_format, item.path)
-        outputs = predictor(image)
-        keep = predictor_lib.select_detections(outputs, score_threshold, max_detections)
-        detections = predictor_lib.image_detections(outputs, keep, item.image_id,
-                                                    label_to_category)
+        detections = detect(encoded, image, item.image_id)
         write_png(item.picture_path, draw(image.numpy(), detections, class_names))
         all_results.extend(detections["results"])
-        print(f"{item.path}: image_id {item.image_id}, {keep.size} detection(s) kept -> "
-              f"{item.picture_path}", file=stream, flush=True)
+        print(f"{item.path}: image_id {item.image_id}, {len(detections['scores'])} detection(s) "
+              f"kept -> {item.picture_path}", file=stream, flush=True)
     write_json(os.path.join(output_dir, PREDICTIONS_FILE), all_results)
     write_json(os.path.join(output_dir, IMAGES_FILE),
                {str(item.image_id): os.path.abspath(item.path) for item in inputs})
@@ -142,9 +182,16 @@ def predict(image_paths, output_dir, checkpoint, score_threshold=0.5, max_detect
 
 
 def run_command(gin_files, gin_params, checkpoint, output_dir, image_paths, score_threshold=0.5,
-                max_detections=100, stdout=sys.stdout, stderr=sys.stderr):
+                max_detections=100, stdout=sys.stdout, stderr=sys.stderr, saved_model=None):
     """The CLI after flag parsing: parses gin, predicts; returns the exit code (0 or 1)."""
     try:
+        if saved_model:
+            if checkpoint or gin_files or gin_params:
+                raise PredictError("--saved_model carries its model and config: give it without "
+                                   "--checkpoint, --gin_file or --gin_param")
+            predict_saved_model(image_paths, output_dir, saved_model, score_threshold,
+                                max_detections, stream=stdout)
+            return 0
         if not gin_files:
             raise PredictError("give at least one --gin_file (the training config)")
         runtime.parse_gin(gin_files, gin_params)
@@ -158,7 +205,9 @@ def run_command(gin_files, gin_params, checkpoint, output_dir, image_paths, scor
 
 def main(argv):
     sys.exit(run_command(FLAGS.gin_file, FLAGS.gin_param, FLAGS.checkpoint, FLAGS.output_dir,
-                         argv[1:], FLAGS.score_threshold, FLAGS.max_detections))
+                         argv[1:], runtime.flag_or(FLAGS.score_threshold, DEFAULT_SCORE_THRESHOLD),
+                         FLAGS.max_detections,
+                         saved_model=FLAGS.saved_model))
 
 
 if __name__ == "__main__":

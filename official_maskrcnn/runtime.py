@@ -36,6 +36,15 @@ flags.DEFINE_multi_string("gin_param", [], "Gin bindings applied after the files
 flags.DEFINE_string("model_dir", None, "The run's folder: checkpoints, logs, evaluation outputs.")
 flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (.../ckpt-N) or a folder (its newest "
                     "checkpoint); evaluate's default: the newest in --model_dir.")
+flags.DEFINE_float("score_threshold", None, "predict, export: keep detections with at least this "
+                   "score (default: predict 0.5, export 0.05, the model's own).")
+flags.DEFINE_integer("max_detections", 100, "predict, export: keep at most this many detections "
+                     "per image.")
+
+
+def flag_or(value, default):
+    """A flag whose default differs between entries: its value, or the entry's default."""
+    return default if value is None else value
 
 
 @gin.configurable("run")

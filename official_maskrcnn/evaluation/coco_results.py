@@ -62,6 +62,14 @@ def original_boxes_xyxy(boxes_yxyx, scale):
                                                   np.float32)
 
 
+def coco_boxes(boxes_xyxy):
+    """[T, 4] float32 [x1, y1, x2, y2] inclusive original pixels -> [T, 4] float32 COCO
+    [x, y, w, h] with the reference's w = x2 - x1 + 1 (`TO_REMOVE`)."""
+    boxes_xyxy = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
+    return np.concatenate(
+        [boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2] + TO_REMOVE], axis=1)
+
+
 def _image_results(outputs, index, label_to_category, mask_threshold, include_masks):
     """COCO result dicts of image `index` of the batched outputs."""
     if "is_valid" in outputs and not bool(outputs["is_valid"][index]):
@@ -78,8 +86,7 @@ def _image_results(outputs, index, label_to_category, mask_threshold, include_ma
                          f"category (the label map has labels 1..{max(label_to_category)})")
     boxes_xyxy = original_boxes_xyxy(outputs["detection_boxes"][index][keep],
                                      outputs["scale"][index])
-    coco_boxes_xywh = np.concatenate(
-        [boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2] + TO_REMOVE], axis=1)
+    coco_boxes_xywh = coco_boxes(boxes_xyxy)
     scores = np.asarray(outputs["detection_scores"][index][keep], np.float32)
     results = [{"image_id": image_id, "category_id": int(label_to_category[label]),
                 "bbox": [float(v) for v in box], "score": float(score)}

@@ -80,14 +80,15 @@ def resolve_checkpoint(checkpoint):
 def restore_model(checkpoint, precision):
     """The gin-configured model on the default strategy with the weights of `checkpoint` (a
     prefix, a folder or `resolve_checkpoint`'s list: a folder's unreadable newest checkpoint
-    falls back to the previous one with a warning, as training does)."""
+    falls back to the previous one with a warning, as training does). Returns (model, the
+    checkpoint path restored)."""
     model = runtime.build_model(tf.distribute.get_strategy(), precision)
     try:
-        runtime.restore_model_weights(model, checkpoint)
+        restored = runtime.restore_model_weights(model, checkpoint)
     except (runtime.CheckpointMismatchError, runtime.CheckpointNotFoundError,
             checkpointing.CheckpointError) as e:
         raise PredictError(f"--checkpoint {e}") from e
-    return model
+    return model, restored
 
 
 class Predictor:
