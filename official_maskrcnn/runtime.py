@@ -141,6 +141,7 @@ def dummy_training_inputs(batch_size=1, size=64, num_instances=1, mask_size=112)
         "gt_boxes": -tf.ones([batch_size, num_instances, 4]),
         "gt_classes": -tf.ones([batch_size, num_instances], tf.int32),
         "gt_masks": tf.zeros([batch_size, num_instances, mask_size, mask_size]),
+        "gt_mask_boxes": -tf.ones([batch_size, num_instances, 4]),
     }
 
 
