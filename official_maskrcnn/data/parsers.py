@@ -15,9 +15,10 @@ Train output:
   gt_mask_boxes: [I, 4] float32 [ymin, xmin, ymax, xmax] pixels of the resized (and flipped)
                image: the continuous extent [x, x + bw] x [y, y + bh] each crop of gt_masks
                covers (the span of the reference's polygons, one pixel past the inclusive
-               gt_boxes' x2 = x + bw - 1 before the resize), clipped to the image; padded
-               with -1. Only the mask targets use it; box coding, matching and areas keep
-               gt_boxes.
+               gt_boxes' x2 = x + bw - 1 before the resize), clipped to the image, then
+               flipped like gt_boxes (x' = w - x - 1, so up to 1 px past the left edge, where
+               the reference's flipped polygons lie too); padded with -1. Only the mask
+               targets use it; box coding, matching and areas keep gt_boxes.
   source_id:   [] int64.
 Eval output: images, image_size, original_size [2] int32 (H, W), scale [2] float32
   (h / H, w / W) to map boxes back to the original image, source_id, is_valid [] bool (True).
