@@ -94,8 +94,9 @@ def synthetic_batch(batch, size, num_gt, seed=0):
             classes[b, i] = rng.integers(1, NUM_CLASSES)
             masks[b, i] = (rng.uniform(size=(MASK_CROP, MASK_CROP)) > 0.5).astype(np.float32)
     image_size = np.full((batch, 2), size, np.int32)
+    # The boxes are drawn as continuous corners, so each mask crop's extent is its box.
     return {"images": images, "image_size": image_size, "gt_boxes": boxes,
-            "gt_classes": classes, "gt_masks": masks}
+            "gt_classes": classes, "gt_masks": masks, "gt_mask_boxes": boxes.copy()}
 
 
 # ------------------------------------------------------------------ our model

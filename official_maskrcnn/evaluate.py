@@ -4,7 +4,8 @@ r"""Evaluates a checkpoint on the eval set with the COCO API.
 
 Uses the training config (F, plus `--gin_param`): the model, `eval/DatasetBuilder` for the
 records, `run.eval_annotations_file` for the ground truth, `run.strategy` / `num_gpus` /
-`precision` / `eval_batch_size` / `eval_processes`. Restores the model weights of C (default:
+`precision` / `eval_batch_size` / `eval_processes` / `eval_allow_subset` (without it the records
+must hold every image of the annotation file). Restores the model weights of C (default:
 the newest readable checkpoint in M; for a folder an unreadable newest checkpoint falls back to
 the previous one with a warning, as training does), prints both 12-line COCO tables, and writes
 into M:
@@ -62,7 +63,7 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
     model = runtime.build_model(strategy, settings.precision)
     checkpoint = runtime.restore_model_weights(model, candidates)
     builder = runtime.build_eval_dataset(settings.eval_global_batch_size)
-    startup_checks.check_eval_ground_truth(builder, annotations)
+    startup_checks.check_eval_ground_truth(builder, annotations, settings.eval_allow_subset)
     with decode_failures.named_decode_failures(builder):
         outputs = evaluator_lib.Evaluator(strategy, model, builder).predict()
     postprocessor = evaluator_lib.PostProcessor(annotations, settings.eval_processes,

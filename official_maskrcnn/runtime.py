@@ -70,6 +70,9 @@ class RunSettings:
       submission_*: the MLPerf log's submission fields.
       eval_annotations_file: the eval split's COCO annotation JSON; None: no evaluation. The
         eval records come from the gin scope `eval/DatasetBuilder`.
+      eval_allow_subset: the eval records may cover only some of the annotation file's images
+        (scored on those alone); False (MLPerf: "the entire validation set") makes any image
+        of the file without a record a start-up error (`startup_checks`).
       eval_batch_size: eval images per step over all replicas (None: global_batch_size).
       eval_interval: evaluate every N epochs.
       eval_async: post-process evaluations in the background (one worker only).
@@ -97,6 +100,7 @@ class RunSettings:
     submission_platform: str = "unknown"
     submission_status: str = "research"
     eval_annotations_file: str = None
+    eval_allow_subset: bool = False
     eval_batch_size: int = None
     eval_interval: int = 1
     eval_async: bool = False
@@ -150,6 +154,7 @@ def dummy_training_inputs(batch_size=1, size=64, num_instances=1, mask_size=112)
         "gt_boxes": -tf.ones([batch_size, num_instances, 4]),
         "gt_classes": -tf.ones([batch_size, num_instances], tf.int32),
         "gt_masks": tf.zeros([batch_size, num_instances, mask_size, mask_size]),
+        "gt_mask_boxes": -tf.ones([batch_size, num_instances, 4]),
     }
 
 

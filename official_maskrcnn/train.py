@@ -148,9 +148,8 @@ def _timed_run(context, model, optimizer, extra_callbacks):
     loop = _loop_settings(context, train_builder)
     eval_callback = _eval_callback(context, model)
     try:  # from here on every way out, failures included, ends the post-processor's workers
-        _check_inputs(context, model, train_builder, eval_callback)
-        log_hyperparameters(context.mllog, optimizer, model, train_builder,
-                            eval_callback.evaluator.num_images if eval_callback else 0,
+        eval_samples = _check_inputs(context, model, train_builder, eval_callback)
+        log_hyperparameters(context.mllog, optimizer, model, train_builder, eval_samples,
                             context.seed)
         _write_operative_config(context)
         callbacks = _callbacks(context, loop, eval_callback, extra_callbacks)
@@ -245,11 +244,15 @@ def _eval_callback(context, model):
 
 
 def _check_inputs(context, model, train_builder, eval_callback):
-    """Data errors that would otherwise surface at the first step or after an epoch."""
+    """Data errors that would otherwise surface at the first step or after an epoch; returns
+    the number of images each evaluation scores (0 without evaluation), the MLPerf log's
+    `eval_samples`."""
     startup_checks.check_labels(train_builder, model.settings.num_classes)
-    if eval_callback:
-        startup_checks.check_eval_ground_truth(eval_callback.evaluator.builder,
-                                               context.settings.eval_annotations_file)
+    if not eval_callback:
+        return 0
+    return startup_checks.check_eval_ground_truth(eval_callback.evaluator.builder,
+                                                  context.settings.eval_annotations_file,
+                                                  context.settings.eval_allow_subset)
 
 
 def _write_operative_config(context):

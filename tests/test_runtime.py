@@ -17,6 +17,8 @@ from official_maskrcnn.training import checkpointing
 from official_maskrcnn.training import optimizer as optimizer_lib
 from tests.data.test_preprocess_ops import make_record
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 TINY = dict(num_classes=3, backbone_depth=18, backbone_norm="group_norm", freeze_at=0,
             fpn_num_filters=8, box_head_mlp_dim=8, mask_head_num_convs=1,
             mask_head_num_filters=8)
@@ -45,6 +47,16 @@ class RunSettingsTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, "run.coco_backend: .*faster_coco_eval.* found "
                                     "'fast'"):
             runtime.run_settings(coco_backend="fast")
+
+    def test_only_the_config_that_evaluates_a_subset_allows_one(self):
+        # MLPerf evaluates the entire validation set: the recipe must never allow a subset;
+        # coco128_overfit evaluates 16 of its JSON's 128 images, on purpose.
+        self.assertFalse(runtime.run_settings().eval_allow_subset)  # the default
+        for name, allowed in (("mlperf_r50_fpn", False), ("smoke_cpu", False), ("demo", False),
+                              ("coco128_overfit", True)):
+            gin.clear_config()
+            runtime.parse_gin([os.path.join(REPO, "configs", f"{name}.gin")], [])
+            self.assertEqual(runtime.run_settings().eval_allow_subset, allowed, name)
 
     def test_mirrored_over_zero_gpus_is_the_default_strategy(self):
         strategy = runtime.build_strategy(runtime.run_settings(strategy="mirrored", num_gpus=0))

@@ -10,8 +10,15 @@ Train output:
   gt_boxes:    [I, 4] float32 [ymin, xmin, ymax, xmax] pixels of the resized (and flipped)
                image, reference (inclusive) corners; padded with -1.
   gt_classes:  [I] int32, padded with -1.
-  gt_masks:    [I, M, M] float32 in [0, 1]: the instance mask resampled over its gt box
-               (box-aligned crop, bin centres, bilinear), flipped with the image; padded with -1.
+  gt_masks:    [I, M, M] float32 in [0, 1]: the instance mask resampled over its extent
+               (`gt_mask_boxes`; bin centres, bilinear), flipped with the image; padded with -1.
+  gt_mask_boxes: [I, 4] float32 [ymin, xmin, ymax, xmax] pixels of the resized (and flipped)
+               image: the continuous extent [x, x + bw] x [y, y + bh] each crop of gt_masks
+               covers (the span of the reference's polygons, one pixel past the inclusive
+               gt_boxes' x2 = x + bw - 1 before the resize), clipped to the image, then
+               flipped like gt_boxes (x' = w - x - 1, so up to 1 px past the left edge, where
+               the reference's flipped polygons lie too); padded with -1. Only the mask
+               targets use it; box coding, matching and areas keep gt_boxes.
   source_id:   [] int64.
 Eval output: images, image_size, original_size [2] int32 (H, W), scale [2] float32
   (h / H, w / W) to map boxes back to the original image, source_id, is_valid [] bool (True).
@@ -106,6 +113,12 @@ class TrainParser(_ResizePadMixin):
         boxes, _ = preprocess_ops.normalized_to_reference_boxes(
             parsed["boxes_normalized"], parsed["height"], parsed["width"], self.legacy_plus_one)
         boxes = tf.boolean_mask(boxes, keep)
+        # The masks' extent: continuous corners whatever legacy_plus_one, since the reference's
+        # polygons reach x + bw; cropping over the inclusive box would drop the last pixel
+        # column and row of every object (issue 14).
+        extents, _ = preprocess_ops.normalized_to_reference_boxes(
+            parsed["boxes_normalized"], parsed["height"], parsed["width"], legacy_plus_one=False)
+        extents = tf.boolean_mask(extents, keep)
         classes = tf.boolean_mask(parsed["classes"], keep)
 
         flip = tf.random.stateless_uniform([], seed=seed) < self.flip_probability
@@ -118,11 +131,10 @@ class TrainParser(_ResizePadMixin):
             image, parsed["height"], parsed["width"], is_portrait(parsed))
         scale_y = tf.cast(new_h, tf.float32) / tf.cast(parsed["height"], tf.float32)
         scale_x = tf.cast(new_w, tf.float32) / tf.cast(parsed["width"], tf.float32)
-        gt_boxes = preprocess_ops.resize_boxes(boxes, scale_y, scale_x)
-        gt_boxes = tf.cond(
-            flip,
-            lambda: preprocess_ops.flip_boxes_left_right(gt_boxes, new_w, self.legacy_plus_one),
-            lambda: gt_boxes)
+        gt_boxes = self._flip_boxes(preprocess_ops.resize_boxes(boxes, scale_y, scale_x),
+                                    flip, new_w)
+        gt_mask_boxes = self._flip_boxes(preprocess_ops.resize_boxes(extents, scale_y, scale_x),
+                                         flip, new_w)
 
         outputs = {
             "images": self._pad(resized, pad_h, pad_w),
@@ -136,12 +148,28 @@ class TrainParser(_ResizePadMixin):
         if self.include_masks:
             masks = decoder.decode_masks(tf.boolean_mask(parsed["masks_png"], keep),
                                          parsed["height"], parsed["width"])
-            # Cropped over the box in the original image: the same region as the resized box.
-            crops = preprocess_ops.crop_and_resize_masks(masks, boxes, self.mask_size)
+            # Cropped over the extent in the original image: the same region as the resized
+            # extent.
+            crops = preprocess_ops.crop_and_resize_masks(masks, extents, self.mask_size)
             crops = tf.cond(flip, lambda: crops[:, :, ::-1], lambda: crops)
             outputs["gt_masks"] = preprocess_ops.pad_to_fixed_size(crops, self.max_instances,
                                                                    PAD_VALUE)
+            outputs["gt_mask_boxes"] = preprocess_ops.pad_to_fixed_size(
+                gt_mask_boxes, self.max_instances, PAD_VALUE)
         return outputs
+
+    def _flip_boxes(self, boxes, flip, width):
+        """[N, 4] resized boxes, mirrored in an image `width` wide when `flip`.
+
+        Boxes and mask extents mirror alike (x' = w - x - 1 under legacy_plus_one), as the
+        reference mirrors its boxes and its polygons alike (its polygon flip also subtracts
+        TO_REMOVE = 1); every frame of the flipped image is then one reflection of the
+        unflipped one, so the mask targets of mirrored ROIs are the mirrored targets.
+        """
+        return tf.cond(
+            flip,
+            lambda: preprocess_ops.flip_boxes_left_right(boxes, width, self.legacy_plus_one),
+            lambda: boxes)
 
 
 class EvalParser(_ResizePadMixin):

@@ -143,9 +143,10 @@ def crop_and_resize_masks(masks, boxes, crop_size):
     The grid's samples sit at the centres of crop_size x crop_size equal bins of the box,
     treating box corners as continuous positions (pixel i covers [i, i + 1)), with bilinear
     interpolation between pixel centres; the outer half pixel of the image takes the value of
-    its edge pixel. Boxes are inside the image, so no sample falls outside it. This is the
-    representation from which the model builds the 28 x 28 target of any proposal (README,
-    "Masks").
+    its edge pixel. Boxes are inside the image, so no sample falls outside it. The parser
+    passes each object's continuous extent (x, y, x + bw, y + bh), not its inclusive box. This
+    is the representation from which the model builds the 28 x 28 target of any proposal
+    (README, "Masks").
 
     Args:
       masks: [N, H, W] uint8 or float, values 0/1.

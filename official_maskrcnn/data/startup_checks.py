@@ -18,6 +18,10 @@ from official_maskrcnn.data.records import InputError
 
 # Examples a message lists: enough to recognise the pattern, short enough for one line.
 NUM_EXAMPLES = 5
+# The likely cause of an id mismatch: records of ids the JSON lacks, or only some of its images.
+SPLIT_HINT = "the JSON of another split?"
+SUBSET_HINT = ("the eval set is the whole split; to score only the records' images on purpose, "
+               "e.g. records converted with --max_images, set run.eval_allow_subset = True")
 
 
 class LabelError(InputError):
@@ -73,18 +77,25 @@ def load_image_sizes(annotations_file):
                                        f"'images' list of id, height, width ({e!r})") from e
 
 
-def check_eval_ground_truth(builder, annotations_file):
-    """The eval records and the annotation JSON hold the same images, each once, same sizes.
+def check_eval_ground_truth(builder, annotations_file, allow_subset=False):
+    """The eval records hold the annotation JSON's images (all of them unless `allow_subset`),
+    each once, with the same sizes; returns how many images the evaluation scores.
 
     Ids both ways: a record the JSON lacks fails the COCO evaluation after an epoch; an image
-    of the JSON without a record is scored as missed. Sizes: the ground truth of another split
-    whose ids happen to match (e.g. synthetic data, or renumbered images) has other sizes.
+    of the JSON without a record is scored as missed, or, scored on the records' ids alone,
+    silently evaluates less than the split (MLPerf evaluates "the entire validation set").
+    Sizes: the ground truth of another split whose ids happen to match (e.g. synthetic data, or
+    renumbered images) has other sizes.
 
     Args:
       builder: the eval `DatasetBuilder` (its `scan` holds source_id, height, width).
       annotations_file: the eval split's COCO annotation JSON (`run.eval_annotations_file`).
+      allow_subset: accept records of only some of the JSON's images (`run.eval_allow_subset`,
+        e.g. records converted with `--max_images`); the evaluation scores those images alone.
+    Returns:
+      int, the number of images scored: the records' (distinct, all in the JSON).
     Raises:
-      GroundTruthMismatchError: one line naming both, the counts and a few example ids.
+      GroundTruthMismatchError: one line naming both, the counts and the first ids.
     """
     sizes = load_image_sizes(annotations_file)
     scan = builder.scan
@@ -98,11 +109,11 @@ def check_eval_ground_truth(builder, annotations_file):
             f"{twice[:NUM_EXAMPLES].tolist()}")
     only_records = sorted(set(ids.tolist()) - set(sizes))
     only_json = sorted(set(sizes) - set(ids.tolist()))
-    if only_records or only_json:
+    if only_records or (only_json and not allow_subset):
         raise GroundTruthMismatchError(
             f"{where} disagree: {len(only_records)} record id(s) not in the JSON, e.g. "
             f"{only_records[:NUM_EXAMPLES]}; {len(only_json)} JSON image id(s) without a record, "
-            f"e.g. {only_json[:NUM_EXAMPLES]} (the JSON of another split?)")
+            f"e.g. {only_json[:NUM_EXAMPLES]} ({SPLIT_HINT if only_records else SUBSET_HINT})")
     wrong = [(int(i), (int(h), int(w)), sizes[int(i)])
              for i, h, w in zip(scan["source_id"], scan["height"], scan["width"])
              if (h, w) != sizes[int(i)]]
@@ -111,3 +122,4 @@ def check_eval_ground_truth(builder, annotations_file):
         raise GroundTruthMismatchError(
             f"{where} disagree: {len(wrong)} image(s) have another (height, width), e.g. "
             f"{examples} (the JSON of another split with the same ids?)")
+    return int(ids.size)

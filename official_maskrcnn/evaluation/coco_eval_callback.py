@@ -164,7 +164,8 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
                               "since_start": seconds,
                               "training_stall": self._stall.get(epoch_num)},
                   "asynchronous": self.asynchronous,
-                  "coco_backend": metrics.get("coco_backend")}
+                  "coco_backend": metrics.get("coco_backend"),
+                  "num_images": metrics.get("num_images")}
         self.history.append((epoch_num, metrics))
         if self.metrics_path:
             append_json_line(self.metrics_path, record)

@@ -146,6 +146,7 @@ def _postprocess(converter, outputs, label_to_category, annotations_file, image_
         metrics = _score(converter, results, annotations_file, image_ids, backend)
     metrics["seconds"] = {"convert": convert_seconds, "total": time.perf_counter() - start}
     metrics["coco_backend"] = backend
+    metrics["num_images"] = len(image_ids)  # COCOeval's imgIds: the images the outputs hold
     return metrics, results
 
 

@@ -126,8 +126,9 @@ class MaskRCNNModel(tf_keras.Model):
             images: [B, H, W, 3], H and W static;
             image_size: [B, 2] int (h, w) of each resized image inside the padding;
             training only: gt_boxes [B, I, 4] (padding -1), gt_classes [B, I] int (padding -1),
-              gt_masks [B, I, M, M] float, and optionally seed [2] int (the stateless sampling
-              seed, e.g. from the step number; DEFAULT_SEED otherwise).
+              gt_masks [B, I, M, M] float, gt_mask_boxes [B, I, 4] (the continuous extent
+              each crop covers, padding -1; see data/parsers.py), and optionally seed [2] int
+              (the stateless sampling seed, e.g. from the step number; DEFAULT_SEED otherwise).
           training: python bool.
         Returns:
           training: dict of float32 scalars rpn_score_loss, rpn_box_loss, frcnn_class_loss,
@@ -180,13 +181,22 @@ class MaskRCNNModel(tf_keras.Model):
             box_outputs["class_logits"], box_outputs["box_deltas"], rois["class_targets"],
             rois["box_targets"], rois["roi_valid"]))
 
-        losses.update(self._mask_loss(features, rois, inputs["gt_masks"], gt_boxes))
+        if "gt_mask_boxes" not in inputs:
+            raise ValueError(f"training inputs: expected 'gt_mask_boxes' [B, I, 4] (the extent "
+                             f"of each gt_masks crop, from data.parsers.TrainParser) with "
+                             f"gt_masks; found keys {sorted(inputs)}")
+        # The mask targets span each object's continuous extent, not its "+1" box (the
+        # parser's gt_mask_boxes, one pixel wider before the resize).
+        losses.update(self._mask_loss(features, rois, inputs["gt_masks"],
+                                      tf.cast(inputs["gt_mask_boxes"], tf.float32)))
         losses = {name: tf.cast(losses[name], tf.float32) for name in LOSS_NAMES}
         losses["total_loss"] = tf.add_n([losses[name] for name in LOSS_NAMES])
         return losses
 
-    def _mask_loss(self, features, rois, gt_masks, gt_boxes):
-        """Mask loss on the foreground ROIs, compacted into F = int(S * fg_fraction) slots."""
+    def _mask_loss(self, features, rois, gt_masks, gt_mask_boxes):
+        """Mask loss on the foreground ROIs, compacted into F = int(S * fg_fraction) slots.
+
+        gt_masks [B, I, M, M] are crops over gt_mask_boxes [B, I, 4] (continuous extents)."""
         roi = self.settings.roi
         num_slots = roi.num_mask_slots
         foreground = rois["foreground"]  # [B, S]
@@ -200,7 +210,7 @@ class MaskRCNNModel(tf_keras.Model):
         mask_logits = self.mask_head(
             self._roi_features(features, fg_rois, roi.mask_roi_size))  # [B, F, Q, Q, K]
         targets = mask_targets.mask_targets(
-            gt_masks, gt_boxes, fg_rois, fg_matched,
+            gt_masks, gt_mask_boxes, fg_rois, fg_matched,
             output_size=self.settings.detection.mask_size)  # [B, F, Q, Q]
         return losses_lib.mask_loss(mask_logits, targets, fg_classes, fg_valid)
 

@@ -203,9 +203,53 @@ class EvalGroundTruthTest(RecordsLayout):
             startup_checks.check_eval_ground_truth(builder, path)
 
     def test_the_converted_json_agrees(self):
-        startup_checks.check_eval_ground_truth(self.builder(is_training=False),
-                                               os.path.join(self.tmp, "annotations",
-                                                            "instances_s.json"))
+        scored = startup_checks.check_eval_ground_truth(self.builder(is_training=False),
+                                                        os.path.join(self.tmp, "annotations",
+                                                                     "instances_s.json"))
+        self.assertEqual(scored, len(self.ids))  # the MLPerf log's eval_samples
+
+    def test_a_subset_of_the_json_needs_eval_allow_subset(self):
+        # The records hold all but two of the JSON's images (ids 900, 901 have no record).
+        def edit(coco):
+            coco["images"] += [dict(coco["images"][0], id=901), dict(coco["images"][0], id=900)]
+
+        path = self.write_json(edit)
+        self.assert_mismatch(
+            path, " disagree: 0 record id\\(s\\) not in the JSON, e.g. \\[\\]; 2 JSON image "
+                  "id\\(s\\) without a record, e.g. \\[900, 901\\] \\(the eval set is the whole "
+                  "split; .* set run.eval_allow_subset = True\\)$")
+        builder = self.builder(is_training=False)
+        self.assertEqual(startup_checks.check_eval_ground_truth(builder, path,
+                                                                allow_subset=True),
+                         len(self.ids))
+        # A subset is still checked for sizes.
+        first = self.coco["images"][0]
+
+        def resize_first(coco):
+            edit(coco)
+            coco["images"][0]["width"] += 1
+
+        with self.assertRaisesRegex(startup_checks.GroundTruthMismatchError,
+                                    f"1 image\\(s\\) have another \\(height, width\\), e.g. id "
+                                    f"{first['id']}"):
+            startup_checks.check_eval_ground_truth(builder, self.write_json(resize_first),
+                                                   allow_subset=True)
+
+    def test_records_the_json_lacks_fail_even_with_eval_allow_subset(self):
+        dropped = self.ids[:7]
+
+        def edit(coco):
+            coco["images"] = [i for i in coco["images"] if i["id"] not in dropped]
+
+        path = self.write_json(edit)
+        for allow_subset in (False, True):
+            builder = self.builder(is_training=False)
+            with self.assertRaisesRegex(
+                    startup_checks.GroundTruthMismatchError,
+                    f" disagree: 7 record id\\(s\\) not in the JSON, e.g. "
+                    f"\\[{', '.join(str(i) for i in sorted(dropped)[:5])}\\]; 0 JSON image "
+                    f"id\\(s\\) without a record, e.g. \\[\\] \\(the JSON of another split\\?\\)$"):
+                startup_checks.check_eval_ground_truth(builder, path, allow_subset)
 
     def test_ids_missing_either_way_are_counted_with_examples(self):
         dropped = self.ids[4]

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from official_maskrcnn.data import decoder, parsers
 from official_maskrcnn.data import preprocess_ops as ops
+from official_maskrcnn.ops import mask_targets
 from tfrecord_tools import features as F
 from tfrecord_tools import masks as mask_codec
 from tfrecord_tools import tf_example
@@ -449,6 +450,9 @@ class TrainParserTest(tf.test.TestCase):
       -  [10, 30, 10, 1] label 4, 1 px tall: dropped
     Flipped in the resized image (w = 48): x' = 47 - x, so A -> (3.2, 27.0, 15.2, 42.2) and
     B -> (16.0, 0.6, 29.6, 19.0).
+    The masks' continuous extents (y, x, y + h, x + w): A (4, 6, 20, 26) -> resized
+    (3.2, 4.8, 16.0, 20.8), B (20, 35, 38, 59) -> (16.0, 28.0, 30.4, 47.2); flipped like the
+    boxes (x' = 47 - x): A (3.2, 26.2, 16.0, 42.2), B (16.0, -0.2, 30.4, 19.0).
     """
     H, W = 40, 60
     COLOUR_RGB = (200, 100, 50)  # survives JPEG exactly (checked in the test)
@@ -457,6 +461,9 @@ class TrainParserTest(tf.test.TestCase):
     EXPECTED_BOXES = np.array([[3.2, 4.8, 15.2, 20.0], [16.0, 28.0, 29.6, 46.4]])
     EXPECTED_FLIPPED = np.array([[3.2, 27.0, 15.2, 42.2], [16.0, 0.6, 29.6, 19.0]])
     ORIGINAL_BOXES = np.array([[4, 6, 19, 25], [20, 35, 37, 58]], np.float32)
+    ORIGINAL_EXTENTS = np.array([[4, 6, 20, 26], [20, 35, 38, 59]], np.float32)
+    EXPECTED_EXTENTS = np.array([[3.2, 4.8, 16.0, 20.8], [16.0, 28.0, 30.4, 47.2]])
+    EXPECTED_FLIPPED_EXTENTS = np.array([[3.2, 26.2, 16.0, 42.2], [16.0, -0.2, 30.4, 19.0]])
 
     @classmethod
     def setUpClass(cls):
@@ -499,7 +506,8 @@ class TrainParserTest(tf.test.TestCase):
         n, m = self.MAX_INSTANCES, self.MASK_SIZE
         expected = {
             "gt_boxes": ([n, 4], tf.float32), "gt_classes": ([n], tf.int32),
-            "gt_masks": ([n, m, m], tf.float32), "image_size": ([2], tf.int32),
+            "gt_masks": ([n, m, m], tf.float32), "gt_mask_boxes": ([n, 4], tf.float32),
+            "image_size": ([2], tf.int32),
             "source_id": ([], tf.int64),
         }
         for key, (shape, dtype) in expected.items():
@@ -524,20 +532,45 @@ class TrainParserTest(tf.test.TestCase):
                 self.assertAllEqual(out["image_size"], [32, 48], msg=msg)
                 self.assertEqual(out["source_id"], 7, msg=msg)
 
+    def test_mask_extents_and_their_flip(self):
+        for flip_probability, want in ((0.0, self.EXPECTED_EXTENTS),
+                                       (1.0, self.EXPECTED_FLIPPED_EXTENTS)):
+            outputs, _ = self.parse_both(self.record, self.parser(flip_probability))
+            for mode, out in zip(("eager", "tf.data"), outputs):
+                msg = f"{mode}, flip_probability {flip_probability}"
+                self.assertAllClose(out["gt_mask_boxes"][:2], want, atol=1e-4, msg=msg)
+                self.assertAllEqual(out["gt_mask_boxes"][2:], -np.ones([4, 4]), msg=msg)
+                # One pixel (0.8 resized) past the inclusive boxes at ymax and xmax (unflipped),
+                # at ymax and xmin (flipped); the other corners are the boxes'.
+                boxes = self.EXPECTED_FLIPPED if flip_probability else self.EXPECTED_BOXES
+                self.assertAllClose(out["gt_mask_boxes"][:2] - boxes,
+                                    np.tile([0, -0.8, 0.8, 0] if flip_probability else
+                                            [0, 0, 0.8, 0.8], [2, 1]), atol=1e-4, msg=msg)
+        # With continuous boxes (legacy_plus_one=False) the extents are the boxes.
+        outputs, _ = self.parse_both(self.record, self.parser(1.0, legacy_plus_one=False))
+        for out in outputs:
+            self.assertAllClose(out["gt_mask_boxes"], out["gt_boxes"])
+
     def test_masks_and_their_flip(self):
         kept_masks = np.stack([self.masks[0], self.masks[3]])
+        # The crops cover each object's continuous extent [x, x + w] (the polygons' span), not
+        # its inclusive box (x2 = x + w - 1, which this expectation used before issue 14 and
+        # which cut off the last pixel column and row).
         expected = np.stack([numpy_crop_and_resize(mask, box, self.MASK_SIZE)
-                             for mask, box in zip(kept_masks, self.ORIGINAL_BOXES)])
+                             for mask, box in zip(kept_masks, self.ORIGINAL_EXTENTS)])
+        # The rectangle B fills its extent: every bin of its crop is inside it.
+        self.assertAllClose(expected[1], np.ones([self.MASK_SIZE, self.MASK_SIZE]))
         # The L mask is asymmetric, so a missing or wrong flip shows.
         self.assertGreater(np.abs(expected[0] - expected[0][:, ::-1]).max(), 0.5)
         # The reference flips polygons like boxes, x' = W - x - 1: relative to the flipped box
         # the flipped mask is the exact mirror. Independently: the reference's flipped mask
-        # (pixel i takes pixel W - 2 - i) cropped over the flipped box of the original image.
+        # (pixel i takes pixel W - 2 - i) cropped over the flipped extent of the original image
+        # (the extent, not the box, for the reason above).
         flipped_masks = np.zeros_like(kept_masks)
         flipped_masks[:, :, :self.W - 1] = kept_masks[:, :, self.W - 2::-1]
-        flipped_boxes = self.ORIGINAL_BOXES.copy()
-        flipped_boxes[:, 1] = self.W - 1 - self.ORIGINAL_BOXES[:, 3]
-        flipped_boxes[:, 3] = self.W - 1 - self.ORIGINAL_BOXES[:, 1]
+        flipped_boxes = self.ORIGINAL_EXTENTS.copy()
+        flipped_boxes[:, 1] = self.W - 1 - self.ORIGINAL_EXTENTS[:, 3]
+        flipped_boxes[:, 3] = self.W - 1 - self.ORIGINAL_EXTENTS[:, 1]
         expected_flipped = np.stack([numpy_crop_and_resize(mask, box, self.MASK_SIZE)
                                      for mask, box in zip(flipped_masks, flipped_boxes)])
         self.assertAllClose(expected_flipped, expected[:, :, ::-1], atol=1e-5)
@@ -550,6 +583,30 @@ class TrainParserTest(tf.test.TestCase):
         unflipped, _ = self.parse_both(self.record, self.parser(0.0))
         flipped, _ = self.parse_both(self.record, self.parser(1.0))
         self.assertAllClose(flipped[0]["gt_masks"][:2], unflipped[0]["gt_masks"][:2, :, ::-1])
+
+    def test_mask_targets_of_mirrored_rois_are_the_mirrored_targets(self):
+        # The flip stays exact: the gt boxes, the mask extents and the ROIs all mirror by the
+        # one reflection x' = w - 1 - x (w = 48), the crops are reversed, so the 28 x 28 target
+        # of a mirrored ROI is the mirror of the unflipped ROI's target, bin for bin.
+        unflipped, _ = self.parse_both(self.record, self.parser(0.0))
+        flipped, _ = self.parse_both(self.record, self.parser(1.0))
+        rois = np.concatenate([self.EXPECTED_BOXES, self.EXPECTED_BOXES + [-1.3, 2.1, 0.7, -1.9],
+                               self.EXPECTED_BOXES + [0.4, -3.2, 2.6, 1.5]]).astype(np.float32)
+        mirrored = rois.copy()
+        mirrored[:, 1], mirrored[:, 3] = 47 - rois[:, 3], 47 - rois[:, 1]
+        matched = np.array([[0, 1] * 3], np.int32)
+        targets = [mask_targets.mask_targets(out["gt_masks"][None], out["gt_mask_boxes"][None],
+                                             boxes[None], matched).numpy()[0]
+                   for out, boxes in ((unflipped[0], rois), (flipped[0], mirrored))]
+        self.assertGreater(targets[0].sum(), 500)
+        self.assertAllEqual(targets[1], targets[0][:, :, ::-1])
+        # An ROI over the rectangle B's whole extent sees only B: all ones, also in its last
+        # bins, whose centres lie past the inclusive box (zeroed there before issue 14).
+        for out in (unflipped[0], flipped[0]):
+            extents = out["gt_mask_boxes"][None, :2]
+            whole = mask_targets.mask_targets(out["gt_masks"][None], out["gt_mask_boxes"][None],
+                                              extents, np.array([[0, 1]], np.int32))
+            self.assertAllEqual(whole.numpy()[0, 1], np.ones([28, 28]))
 
     def test_pixels_bgr_caffe_and_zero_padding(self):
         r, g, b = self.COLOUR_RGB
@@ -603,10 +660,12 @@ class TrainParserTest(tf.test.TestCase):
                 self.assertAllEqual(out["images"][48:], np.zeros([16, 32, 3]))
                 self.assertAllClose(out["gt_boxes"][0], expected_box, atol=1e-4)
                 self.assertAllEqual(out["gt_classes"], [2, -1, -1, -1, -1, -1])
-                # The box (6, 4, 25, 19) is inclusive: its outer bin centres sit 1/32 px
-                # outside the filled rectangle, so the crop's border reads slightly below 1.
+                # Cropped over the rectangle's continuous extent (6, 4, 26, 20), not over its
+                # inclusive box (6, 4, 25, 19) as this expectation was before issue 14: every
+                # bin centre is inside the filled rectangle, so the crop is all ones.
                 expected_mask = numpy_crop_and_resize(
-                    box_mask(self.W, self.H, [4, 6, 16, 20]), [6, 4, 25, 19], 16)
+                    box_mask(self.W, self.H, [4, 6, 16, 20]), [6, 4, 26, 20], 16)
+                self.assertAllClose(expected_mask, np.ones([16, 16]))
                 if flip_probability:
                     expected_mask = expected_mask[:, ::-1]
                 self.assertAllClose(out["gt_masks"][0], expected_mask, atol=1e-4)

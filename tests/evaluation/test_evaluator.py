@@ -1,4 +1,5 @@
-"""Evaluator + PostProcessor on a tiny model: every image exactly once, on one and two replicas."""
+"""Evaluator + PostProcessor on a tiny model: every image exactly once, on one and two replicas;
+what a subset of the eval split is scored on."""
 
 import gc
 import tempfile
@@ -8,11 +9,14 @@ import numpy as np
 import tensorflow as tf
 
 from official_maskrcnn.data import dataset_builder
+from official_maskrcnn.evaluation import coco_metrics
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.modeling import factory
 from official_maskrcnn.runtime import dummy_training_inputs
 from official_maskrcnn.training import distribution
 from tests import synthetic_records
+from tests.evaluation.test_coco_metrics import gt_as_outputs
+from tests.evaluation.test_coco_results import COCO128_JSON
 
 NUM_IMAGES = 13  # not a multiple of the eval batch (4) nor of the replicas (2)
 TINY = dict(num_classes=4, backbone_depth=18, backbone_norm="group_norm", freeze_at=0,
@@ -73,6 +77,28 @@ class EvaluatorTest(tf.test.TestCase):
         with mock.patch.object(type(builder), "num_records", NUM_IMAGES + 1):
             with self.assertRaisesRegex(evaluator_lib.EvaluationError, "13 image"):
                 evaluator.predict()
+
+
+class SubsetScoringTest(tf.test.TestCase):
+    """What a subset of the eval split (`run.eval_allow_subset`) is scored on."""
+
+    def test_coco_eval_scores_exactly_the_images_of_the_outputs(self):
+        # The ground truth of 16 of coco128's 128 images as perfect detections: box AP 1.0 on
+        # those 16 (COCOeval's imgIds = the outputs' ids); scored over the whole file, the 112
+        # images without outputs would count as missed (recall 16 images' worth, not 1).
+        ground_truth = coco_metrics.load_ground_truth(COCO128_JSON)
+        subset = sorted(ground_truth.getImgIds())[5:21]
+        post = evaluator_lib.PostProcessor(COCO128_JSON)
+        try:
+            metrics, results = post.run(gt_as_outputs(ground_truth, subset))
+        finally:
+            post.close()
+        self.assertEqual(metrics["num_images"], 16)
+        self.assertEqual({r["image_id"] for r in results}, set(subset))
+        self.assertAllClose(metrics["bbox"]["AP"], 1.0, atol=1e-9)
+        self.assertAllClose(metrics["bbox"]["ARmax100"], 1.0, atol=1e-9)
+        whole = coco_metrics.evaluate(COCO128_JSON, results, iou_types=("bbox",))
+        self.assertLess(whole["bbox"]["ARmax100"], 0.5)
 
 
 class CyclicGcPauseTest(tf.test.TestCase):

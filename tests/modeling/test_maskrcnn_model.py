@@ -41,7 +41,9 @@ def training_inputs(with_gt=(True, True), seed=0):
 
     Returns:
       dict: images [B, H, W, 3], image_size [B, 2] int32, gt_boxes [B, I, 4], gt_classes [B, I]
-      int32, gt_masks [B, I, M, M] (ones for real instances, -1 for padding), seed [2] int32.
+      int32, gt_masks [B, I, M, M] (ones for real instances, -1 for padding), gt_mask_boxes
+      [B, I, 4] (the boxes one pixel longer at ymax and xmax, as the parser's extents of
+      inclusive boxes at scale 1; padding -1), seed [2] int32.
     """
     rng = np.random.default_rng(seed)
     real_boxes = [[10.0, 12.0, 60.0, 70.0], [40.0, 50.0, 118.0, 100.0], [5.0, 70.0, 40.0, 95.0]]
@@ -60,6 +62,8 @@ def training_inputs(with_gt=(True, True), seed=0):
         "gt_boxes": tf.constant(boxes),
         "gt_classes": tf.constant(classes),
         "gt_masks": tf.constant(masks, tf.float32),
+        "gt_mask_boxes": tf.constant(np.where(boxes >= 0, boxes + [0, 0, 1, 1], -1.0),
+                                     tf.float32),
         "seed": tf.constant([3, 7], tf.int32),
     }
 
@@ -100,6 +104,23 @@ class MaskRCNNModelTest(tf.test.TestCase):
             self.assertEqual(losses[name].numpy(), 0.0, name)
         self.assertGreater(losses["rpn_score_loss"].numpy(), 0.0)
         self.assertGreater(losses["frcnn_class_loss"].numpy(), 0.0)
+
+    def test_mask_targets_follow_the_mask_extents(self):
+        # The mask loss reads the crops over gt_mask_boxes, never gt_boxes: extents half as
+        # wide as the boxes put zeros into the right half of the targets of ROIs near a box
+        # (the crops are all ones), and change the mask loss only.
+        inputs = dict(self.inputs)
+        extents = inputs["gt_mask_boxes"].numpy()
+        real = extents[..., 0] >= 0
+        extents[..., 3] = np.where(real, 0.5 * (extents[..., 1] + extents[..., 3]), -1.0)
+        inputs["gt_mask_boxes"] = tf.constant(extents)
+        losses = self.model(inputs, training=True)
+        for name in LOSS_KEYS - {"mask_loss", "total_loss"}:
+            self.assertEqual(losses[name].numpy(), self.losses[name].numpy(), name)
+        self.assertNotAllClose(losses["mask_loss"], self.losses["mask_loss"])
+        del inputs["gt_mask_boxes"]
+        with self.assertRaisesRegex(ValueError, "training inputs: expected 'gt_mask_boxes'"):
+            self.model(inputs, training=True)
 
     def test_gradients_and_sgd_step(self):
         model = build_small_model()

@@ -453,6 +453,47 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertNotIn("Traceback", stderr)
         self.assertEmpty(tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*")))
 
+    def test_an_eval_set_short_of_the_json_needs_eval_allow_subset(self):
+        # The val JSON plus 3 images without a record, as records converted with --max_images:
+        # MLPerf evaluates the whole split, so this is an error unless allowed on purpose, and
+        # then the 16 records' images are scored and logged as eval_samples.
+        val_json = self.data_bindings[2].split("'")[1]
+        with open(val_json) as f:
+            coco = json.load(f)
+        coco["images"] += [dict(coco["images"][0], id=i) for i in (903, 901, 902)]
+        superset = os.path.join(self.create_tempdir().full_path, "instances_val_and_more.json")
+        with open(superset, "w") as f:
+            json.dump(coco, f)
+        bindings = [f"run.eval_annotations_file = '{superset}'", "run.num_epochs = 1"]
+        error = (f"^error: eval records \\S+val-\\* \\(16 records\\) and {re.escape(superset)} "
+                 f"\\(19 images\\) disagree: 0 record id\\(s\\) not in the JSON, e.g. \\[\\]; 3 "
+                 f"JSON image id\\(s\\) without a record, e.g. \\[901, 902, 903\\] \\(the eval "
+                 f"set is the whole split; .*run.eval_allow_subset = True\\)$")
+        model_dir = os.path.join(self.create_tempdir().full_path, "model")
+        code, stderr = self.run_entry(train, model_dir, bindings)
+        self.assertEqual(code, 1)
+        self.assertRegex(stderr, re.compile(error, re.MULTILINE))
+        self.assertNotIn("Traceback", stderr)
+        self.assertEmpty(tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*")))
+
+        model_dir = os.path.join(self.create_tempdir().full_path, "model")
+        self.run_smoke(model_dir, *bindings, "run.eval_allow_subset = True")
+        by_key = {}
+        for event in mlperf_events(model_dir):
+            by_key.setdefault(event["key"], []).append(event)
+        self.assertEqual([e["value"] for e in by_key["eval_samples"]], [16])
+        [line] = metrics_lines(model_dir)
+        self.assertEqual(line["num_images"], 16)
+        # The evaluate entry scores the same 16 images (the gin config of the run above).
+        metrics, results, _ = evaluate.evaluate_checkpoint(model_dir)
+        self.assertEqual(metrics["num_images"], 16)
+        self.assertEqual(metrics["bbox"], line["bbox"])
+        self.assertTrue({r["image_id"] for r in results}.isdisjoint({901, 902, 903}))
+        # ... and refuses them without the flag.
+        code, stderr = self.run_entry(evaluate, model_dir, bindings)
+        self.assertEqual(code, 1)
+        self.assertRegex(stderr, re.compile(error, re.MULTILINE))
+
     def test_a_missing_eval_annotations_file_is_one_error_line_before_anything_is_written(
             self):
         model_dir = os.path.join(self.create_tempdir().full_path, "model")
