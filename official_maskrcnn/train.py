@@ -28,6 +28,10 @@ schedule). The macros `num_gpus`, `seed` and `coco_annotations_file` exist so th
 `run_and_time.sh` can set them.
 """
 
+# First, before TensorFlow loads: run as a command, this entry keeps TensorFlow's chatter off
+# the console (tfrecord_tools/quiet_tensorflow.py).
+from tfrecord_tools import quiet_tensorflow  # noqa: F401  # isort: split
+
 import dataclasses
 import os
 import sys
