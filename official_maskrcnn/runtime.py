@@ -69,6 +69,8 @@ class RunSettings:
       coco_backend: the COCOeval implementation, "pycocotools" (the reference's) or
         "faster_coco_eval" (the same metrics, C++; `evaluation.coco_metrics`).
       box_target, mask_target: stop when both APs reach them (MLPerf: 0.377, 0.339).
+      watchdog_seconds: end the run (exit code 124, every thread's stack on stderr) when no
+        host call completes for this long (`training.watchdog`); 0: no watchdog.
     """
 
     strategy: str = "default"
@@ -95,6 +97,7 @@ class RunSettings:
     coco_backend: str = "pycocotools"
     box_target: float = coco_eval_callback.BOX_TARGET
     mask_target: float = coco_eval_callback.MASK_TARGET
+    watchdog_seconds: float = 1800
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -106,6 +109,9 @@ class RunSettings:
         if self.strategy not in distribution.STRATEGIES:
             raise ValueError(f"run.strategy: expected one of {distribution.STRATEGIES}, found "
                              f"{self.strategy!r}")
+        if self.watchdog_seconds is None or self.watchdog_seconds < 0:
+            raise ValueError(f"run.watchdog_seconds: expected a number >= 0 (0: off), found "
+                             f"{self.watchdog_seconds!r}")
 
     @property
     def eval_global_batch_size(self):

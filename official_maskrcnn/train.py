@@ -19,8 +19,10 @@ it writes anything; a second run on the same folder exits at once with code 1, n
 holder's host and pid.
 
 Exit codes: 0 done; 1 a non-finite loss, a configuration / input error, unreadable checkpoints
-or the model dir in use by another run (the message says which); 128 + signal number after
-SIGTERM / SIGINT (a checkpoint was written first; run the same command to resume).
+or the model dir in use by another run (the message says which); 124 the hang watchdog: no host
+call completed in `run.watchdog_seconds` (the last step, the worker and every thread's stack
+are on stderr; `training/watchdog.py`); 128 + signal number after SIGTERM / SIGINT (a
+checkpoint was written first; run the same command to resume).
 
 Gin: `run.<setting>` (`runtime.RunSettings`) and the gin scopes `train/DatasetBuilder` (the
 training data), `build_maskrcnn_model` (the model) and `build_optimizer` (the optimizer and
@@ -53,6 +55,7 @@ from official_maskrcnn.training import hooks as hooks_lib
 from official_maskrcnn.training import mlperf_logger, model_dir_lock
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
+from official_maskrcnn.training import watchdog
 
 FLAGS = flags.FLAGS  # --gin_file, --gin_param, --model_dir: defined in `runtime`
 
@@ -340,10 +343,12 @@ def _load_model_weights(model, path, loaded):
 
 
 def _hooks(context, model, checkpointer):
-    """MLPerf epoch events, preemption and checkpoints, in the order `hooks` explains."""
+    """The hang watchdog, then MLPerf epoch events, preemption and checkpoints, in the order
+    `hooks` explains (the watchdog first: a host call counts as done before a save can hang)."""
     checkpoints = hooks_lib.CheckpointHook(checkpointer, model,
                                            context.settings.checkpoint_every_n_steps)
-    return [hooks_lib.MLPerfEpochHook(context.mllog),
+    return [watchdog.HangWatchdog(context.settings.watchdog_seconds, context.worker_id),
+            hooks_lib.MLPerfEpochHook(context.mllog),
             hooks_lib.PreemptionHook(context.strategy, context.num_workers,
                                      save=checkpoints.save),
             checkpoints]
