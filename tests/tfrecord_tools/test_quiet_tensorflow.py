@@ -10,6 +10,8 @@ import types
 from unittest import mock
 
 import tensorflow as tf
+from absl import app, flags
+from absl import logging as absl_logging
 
 from tfrecord_tools import quiet_tensorflow
 
@@ -107,6 +109,21 @@ class QuietTensorflowTest(tf.test.TestCase):
         self.assertTrue(quiet.filter(record(logging.INFO, "/work/official_maskrcnn/train.py")))
         # A sibling folder whose name starts with the library's is not the library.
         self.assertTrue(quiet.filter(record(logging.INFO, library + "_addons/x.py")))
+
+    def test_python_logging_is_quieted_after_the_flags_unless_verbosity_was_given(self):
+        tf_logger, absl_logger = logging.getLogger("tensorflow"), absl_logging.get_absl_logger()
+        level, filters = tf_logger.level, list(absl_logger.filters)
+        self.addCleanup(tf_logger.setLevel, level)
+        self.addCleanup(setattr, absl_logger, "filters", filters)
+        verbosity = flags.FLAGS["verbosity"]
+        for given, expected_level in [(1, level), (0, logging.WARNING)]:
+            with mock.patch.object(verbosity, "present", given), \
+                    mock.patch.object(app, "call_after_init", lambda callback: callback()):
+                quiet_tensorflow.quiet_python_logging_unless_verbosity_given()
+            self.assertEqual(tf_logger.level, expected_level, f"--verbosity given: {given}")
+            added = [f for f in absl_logger.filters if f not in filters]
+            self.assertLen(added, 0 if given else 1)
+        self.assertEqual(added[0].directories[0], os.path.join(os.path.dirname(tf.__file__), ""))
 
 
 if __name__ == "__main__":
