@@ -293,9 +293,10 @@ def build_eval_dataset(batch_size):
         return dataset_builder.DatasetBuilder(is_training=False, global_batch_size=batch_size)
 
 
-def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream, run_id=None):
+def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream, run_id=None,
+                        best=None):
     """The per-epoch COCO evaluation of `settings` (its eval_* fields and targets); `run_id`
-    goes into each `metrics.jsonl` line."""
+    goes into each `metrics.jsonl` line; `best` keeps the best checkpoint (`COCOEvalCallback`)."""
     return coco_eval_callback.COCOEvalCallback(
         evaluator_lib.Evaluator(strategy, model,
                                 build_eval_dataset(settings.eval_global_batch_size)),
@@ -303,4 +304,4 @@ def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream, 
                                     settings.coco_backend),
         mlperf=mllog, metrics_path=metrics_path, interval=settings.eval_interval,
         box_target=settings.box_target, mask_target=settings.mask_target,
-        asynchronous=settings.eval_async, stream=stream, run_id=run_id)
+        asynchronous=settings.eval_async, stream=stream, run_id=run_id, best=best)

@@ -3,7 +3,8 @@ r"""Trains Mask R-CNN: `python -m official_maskrcnn.train --gin_file F [...] --m
 Writes into the model dir: `operative_config.gin` (every setting the run used), `mlperf.log`
 (the MLPerf compliance log; every line carries the run's id as `metadata.run_id`),
 `metrics.jsonl` (one line per evaluation, with the run id too), checkpoints `ckpt-<step>.*` (at
-epoch ends and every N steps) and TensorBoard events under `train/`.
+epoch ends and every N steps), `best/` (the checkpoint of the best evaluation, with its metrics;
+`training/best_checkpoint.py`) and TensorBoard events under `train/`.
 Running the same command again resumes from the newest readable checkpoint, at the exact batch
 where the run stopped; checkpoints are found by their files too, so a missing or stale
 `checkpoint` state file never restarts a run from step 0 over its checkpoints. An evaluation a
@@ -49,6 +50,7 @@ from official_maskrcnn import runtime
 from official_maskrcnn.data import dataset_builder, decode_failures, startup_checks
 from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics
 from official_maskrcnn.modeling import summary
+from official_maskrcnn.training import best_checkpoint
 from official_maskrcnn.training import callbacks as callbacks_lib
 from official_maskrcnn.training import checkpointing, distribution
 from official_maskrcnn.training import hooks as hooks_lib
@@ -245,10 +247,12 @@ def _eval_callback(context, model):
     """The per-epoch evaluation, or None without `run.eval_annotations_file`."""
     if not context.settings.eval_annotations_file:
         return None
+    best = (best_checkpoint.BestCheckpoint(context.model_dir, context.run_id) if context.chief
+            else None)
     return runtime.build_eval_callback(
         context.strategy, model, context.settings, context.mllog,
         context.metrics_path if context.chief else None,
-        stream=sys.stdout if context.chief else None, run_id=context.run_id)
+        stream=sys.stdout if context.chief else None, run_id=context.run_id, best=best)
 
 
 def _check_inputs(context, model, train_builder, eval_callback):
@@ -330,7 +334,7 @@ def _redo_lost_evaluations(context, trainer, eval_callback, restored):
             logging.warning("the evaluation of epoch %d cannot be redone: %s", epoch_num, e)
             loaded = None  # a failed restore may have changed some weights
             continue
-        eval_callback.evaluate(epoch_num, step=step)
+        eval_callback.evaluate(epoch_num, step=step, checkpoint_step=epoch_end)
     _load_model_weights(trainer.model, restored, loaded)
 
 

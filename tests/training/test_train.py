@@ -220,6 +220,21 @@ class TrainEntryTest(tf.test.TestCase):
             loaded = ground_truth.loadRes(results_path)
             self.assertLen(loaded.getAnnIds(), len(results))
 
+        # best/: the evaluation with the highest box AP, then mask AP (the earlier on a tie),
+        # with the weights it evaluated: evaluating best/ gives that line's metrics again.
+        best = max(range(len(lines)), key=lambda i: (lines[i]["bbox"]["AP"],
+                                                     lines[i]["segm"]["AP"], -i))
+        with open(os.path.join(model_dir, "best", "metrics.json")) as f:
+            record = json.load(f)
+        self.assertEqual((record["epoch"], record["step"], record["run_id"]),
+                         (best + 1, 8 * (best + 1), run_id))
+        self.assertEqual((record["bbox"], record["segm"]), (lines[best]["bbox"],
+                                                            lines[best]["segm"]))
+        metrics, _, checkpoint = evaluate.evaluate_checkpoint(
+            model_dir, os.path.join(model_dir, "best"))
+        self.assertEqual(checkpoint, os.path.join(model_dir, "best", f"ckpt-{8 * (best + 1)}"))
+        self.assertEqual((metrics["bbox"], metrics["segm"]), (record["bbox"], record["segm"]))
+
     def test_smoke_run_with_async_evaluation_logs_the_same_metrics_as_sync(self):
         if not hasattr(type(self), "sync_metrics"):  # runs after the sync test (alphabetical)
             sync_dir = os.path.join(self.create_tempdir().full_path, "sync")
