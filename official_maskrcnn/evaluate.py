@@ -16,6 +16,10 @@ Exit codes: 0 done; 1 no (readable) checkpoint, a checkpoint of another config (
 class count), a bad config or bad input: one line says which.
 """
 
+# First, before TensorFlow loads: run as a command, this entry keeps TensorFlow's chatter off
+# the console (tfrecord_tools/quiet_tensorflow.py).
+from tfrecord_tools import quiet_tensorflow  # noqa: F401  # isort: split
+
 import json
 import os
 import sys

@@ -46,6 +46,10 @@ written and the error lists every bad path.
 Exit codes: 0 done; 1 a bad image, checkpoint, config or argument (the message says which).
 """
 
+# First, before TensorFlow loads: run as a command, this entry keeps TensorFlow's chatter off
+# the console (tfrecord_tools/quiet_tensorflow.py).
+from tfrecord_tools import quiet_tensorflow  # noqa: F401  # isort: split
+
 import io
 import json
 import os

@@ -81,6 +81,8 @@ class RunSettings:
       coco_backend: the COCOeval implementation, "pycocotools" (the reference's) or
         "faster_coco_eval" (the same metrics, C++; `evaluation.coco_metrics`).
       box_target, mask_target: stop when both APs reach them (MLPerf: 0.377, 0.339).
+      watchdog_seconds: end the run (exit code 124, every thread's stack on stderr) when no
+        host call completes for this long (`training.watchdog`); 0: no watchdog.
     """
 
     strategy: str = "default"
@@ -108,6 +110,7 @@ class RunSettings:
     coco_backend: str = "pycocotools"
     box_target: float = coco_eval_callback.BOX_TARGET
     mask_target: float = coco_eval_callback.MASK_TARGET
+    watchdog_seconds: float = 1800
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -119,6 +122,9 @@ class RunSettings:
         if self.strategy not in distribution.STRATEGIES:
             raise ValueError(f"run.strategy: expected one of {distribution.STRATEGIES}, found "
                              f"{self.strategy!r}")
+        if self.watchdog_seconds is None or self.watchdog_seconds < 0:
+            raise ValueError(f"run.watchdog_seconds: expected a number >= 0 (0: off), found "
+                             f"{self.watchdog_seconds!r}")
 
     @property
     def eval_global_batch_size(self):
@@ -301,9 +307,10 @@ def build_eval_dataset(batch_size):
         return dataset_builder.DatasetBuilder(is_training=False, global_batch_size=batch_size)
 
 
-def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream, run_id=None):
+def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream, run_id=None,
+                        best=None):
     """The per-epoch COCO evaluation of `settings` (its eval_* fields and targets); `run_id`
-    goes into each `metrics.jsonl` line."""
+    goes into each `metrics.jsonl` line; `best` keeps the best checkpoint (`COCOEvalCallback`)."""
     return coco_eval_callback.COCOEvalCallback(
         evaluator_lib.Evaluator(strategy, model,
                                 build_eval_dataset(settings.eval_global_batch_size)),
@@ -311,4 +318,4 @@ def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream, 
                                     settings.coco_backend),
         mlperf=mllog, metrics_path=metrics_path, interval=settings.eval_interval,
         box_target=settings.box_target, mask_target=settings.mask_target,
-        asynchronous=settings.eval_async, stream=stream, run_id=run_id)
+        asynchronous=settings.eval_async, stream=stream, run_id=run_id, best=best)

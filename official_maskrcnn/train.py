@@ -3,7 +3,8 @@ r"""Trains Mask R-CNN: `python -m official_maskrcnn.train --gin_file F [...] --m
 Writes into the model dir: `operative_config.gin` (every setting the run used), `mlperf.log`
 (the MLPerf compliance log; every line carries the run's id as `metadata.run_id`),
 `metrics.jsonl` (one line per evaluation, with the run id too), checkpoints `ckpt-<step>.*` (at
-epoch ends and every N steps) and TensorBoard events under `train/`.
+epoch ends and every N steps), `best/` (the checkpoint of the best evaluation, with its metrics;
+`training/best_checkpoint.py`) and TensorBoard events under `train/`.
 Running the same command again resumes from the newest readable checkpoint, at the exact batch
 where the run stopped; checkpoints are found by their files too, so a missing or stale
 `checkpoint` state file never restarts a run from step 0 over its checkpoints. An evaluation a
@@ -19,14 +20,20 @@ it writes anything; a second run on the same folder exits at once with code 1, n
 holder's host and pid.
 
 Exit codes: 0 done; 1 a non-finite loss, a configuration / input error, unreadable checkpoints
-or the model dir in use by another run (the message says which); 128 + signal number after
-SIGTERM / SIGINT (a checkpoint was written first; run the same command to resume).
+or the model dir in use by another run (the message says which); 124 the hang watchdog: no host
+call completed in `run.watchdog_seconds` (the last step, the worker and every thread's stack
+are on stderr; `training/watchdog.py`); 128 + signal number after SIGTERM / SIGINT (a
+checkpoint was written first; run the same command to resume).
 
 Gin: `run.<setting>` (`runtime.RunSettings`) and the gin scopes `train/DatasetBuilder` (the
 training data), `build_maskrcnn_model` (the model) and `build_optimizer` (the optimizer and
 schedule). The macros `num_gpus`, `seed` and `coco_annotations_file` exist so that
 `run_and_time.sh` can set them.
 """
+
+# First, before TensorFlow loads: run as a command, this entry keeps TensorFlow's chatter off
+# the console (tfrecord_tools/quiet_tensorflow.py).
+from tfrecord_tools import quiet_tensorflow  # noqa: F401  # isort: split
 
 import dataclasses
 import os
@@ -43,12 +50,14 @@ from official_maskrcnn import runtime
 from official_maskrcnn.data import dataset_builder, decode_failures, startup_checks
 from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics
 from official_maskrcnn.modeling import summary
+from official_maskrcnn.training import best_checkpoint
 from official_maskrcnn.training import callbacks as callbacks_lib
 from official_maskrcnn.training import checkpointing, distribution
 from official_maskrcnn.training import hooks as hooks_lib
 from official_maskrcnn.training import mlperf_logger, model_dir_lock
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
+from official_maskrcnn.training import watchdog
 
 FLAGS = flags.FLAGS  # --gin_file, --gin_param, --model_dir: defined in `runtime`
 
@@ -237,10 +246,12 @@ def _eval_callback(context, model):
     """The per-epoch evaluation, or None without `run.eval_annotations_file`."""
     if not context.settings.eval_annotations_file:
         return None
+    best = (best_checkpoint.BestCheckpoint(context.model_dir, context.run_id) if context.chief
+            else None)
     return runtime.build_eval_callback(
         context.strategy, model, context.settings, context.mllog,
         context.metrics_path if context.chief else None,
-        stream=sys.stdout if context.chief else None, run_id=context.run_id)
+        stream=sys.stdout if context.chief else None, run_id=context.run_id, best=best)
 
 
 def _check_inputs(context, model, train_builder, eval_callback):
@@ -326,7 +337,7 @@ def _redo_lost_evaluations(context, trainer, eval_callback, restored):
             logging.warning("the evaluation of epoch %d cannot be redone: %s", epoch_num, e)
             loaded = None  # a failed restore may have changed some weights
             continue
-        eval_callback.evaluate(epoch_num, step=step)
+        eval_callback.evaluate(epoch_num, step=step, checkpoint_step=epoch_end)
     _load_model_weights(trainer.model, restored, loaded)
 
 
@@ -339,10 +350,12 @@ def _load_model_weights(model, path, loaded):
 
 
 def _hooks(context, model, checkpointer):
-    """MLPerf epoch events, preemption and checkpoints, in the order `hooks` explains."""
+    """The hang watchdog, then MLPerf epoch events, preemption and checkpoints, in the order
+    `hooks` explains (the watchdog first: a host call counts as done before a save can hang)."""
     checkpoints = hooks_lib.CheckpointHook(checkpointer, model,
                                            context.settings.checkpoint_every_n_steps)
-    return [hooks_lib.MLPerfEpochHook(context.mllog),
+    return [watchdog.HangWatchdog(context.settings.watchdog_seconds, context.worker_id),
+            hooks_lib.MLPerfEpochHook(context.mllog),
             hooks_lib.PreemptionHook(context.strategy, context.num_workers,
                                      save=checkpoints.save),
             checkpoints]

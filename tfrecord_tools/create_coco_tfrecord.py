@@ -42,6 +42,8 @@ def main(argv=None):
     args = parse_args(argv)
     # Imported here, not at the top: worker processes are spawned and re-import this module, and
     # they must not pay for (or hold memory of) TensorFlow, which only the writer needs.
+    # quiet_tensorflow first: it sets TensorFlow's logging up (and the workers inherit it).
+    from tfrecord_tools import quiet_tensorflow  # noqa: F401  # isort: split
     from tfrecord_tools import conversion
     from tfrecord_tools.coco_index import ConversionError
     from tfrecord_tools.shard_writer import OutputWriteError

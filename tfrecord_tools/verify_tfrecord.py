@@ -15,6 +15,10 @@ and sha256 must match the files. Exit 0 when everything matches, 1 with a report
 mismatches otherwise, 2 when the input cannot be read at all.
 """
 
+# First, before TensorFlow loads: run as a command, this entry keeps TensorFlow's chatter off
+# the console (tfrecord_tools/quiet_tensorflow.py).
+from tfrecord_tools import quiet_tensorflow  # noqa: F401  # isort: split
+
 import argparse
 import glob
 import io

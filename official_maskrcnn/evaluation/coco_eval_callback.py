@@ -48,6 +48,9 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
       stream: where the stats tables are printed (None: not printed).
       run_id: the run's id (`train.new_run_id`), written into each `metrics.jsonl` line as in
         the MLPerf log's metadata, so that the lines of a resumed run can be told apart.
+      best: optional keeper of the best checkpoint (`training.best_checkpoint.BestCheckpoint`):
+        `best.reserve(step)` when an evaluation of the weights of checkpoint `step` starts,
+        `best.offer(reservation, epoch_num, metrics)` when its result is logged.
     Attributes:
       history: [(epoch_num, metrics)] in the order the results arrived.
       earlier: {epoch_num: metrics} logged by earlier runs in this model dir
@@ -57,7 +60,7 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
 
     def __init__(self, evaluator, postprocessor, mlperf=None, metrics_path=None, interval=1,
                  box_target=BOX_TARGET, mask_target=MASK_TARGET, asynchronous=False,
-                 stream=None, run_id=None):
+                 stream=None, run_id=None, best=None):
         super().__init__()
         if interval < 1:
             raise ValueError(f"eval interval must be >= 1, found {interval}")
@@ -71,9 +74,10 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
         self.asynchronous = asynchronous
         self.stream = stream
         self.run_id = run_id
+        self.best = best
         self.history = []
         self.earlier = {}
-        self._pending = []  # (epoch_num, future, started, inference seconds)
+        self._pending = []  # (epoch_num, future, started, inference seconds, reservation)
         self._stall = {}  # epoch_num -> seconds training waited at that epoch's end
         self._step = 0
 
@@ -116,16 +120,22 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
 
     # --------------------------------------------------------------- the work
 
-    def evaluate(self, epoch_num, step=None):
+    def evaluate(self, epoch_num, step=None, checkpoint_step=None):
         """Runs (or starts) the evaluation of `epoch_num` with the model's current weights.
 
         Args:
           epoch_num: the 1-based epoch whose end weights the model holds.
           step: the global step now (None: the last one seen at a batch end); recorded as
             `step_logged` when the result is logged at once (sync).
+          checkpoint_step: the step of the checkpoint holding those weights (None: the step
+            now, as at an epoch's end, whose checkpoint is written before its evaluation).
         """
         if step is not None:
             self._step = step
+        reservation = None
+        if self.best is not None:
+            reservation = self.best.reserve(
+                self._step if checkpoint_step is None else checkpoint_step)
         started = time.perf_counter()
         if self.mlperf:
             self.mlperf.eval_start(epoch_num)
@@ -136,18 +146,20 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
             concurrent.futures.wait([future])
         # Training waits this long here: inference, plus post-processing when synchronous.
         self._stall[epoch_num] = time.perf_counter() - started
-        self._pending.append((epoch_num, future, started, inference_seconds))
+        self._pending.append((epoch_num, future, started, inference_seconds, reservation))
         self._collect(wait=not self.asynchronous)
 
     def _collect(self, wait):
         """Logs every finished evaluation (all of them when `wait`), in epoch order."""
         while self._pending:
-            epoch_num, future, started, inference_seconds = self._pending[0]
+            epoch_num, future, started, inference_seconds, reservation = self._pending[0]
             if not wait and not future.done():
                 return
             self._pending.pop(0)
             metrics, _ = future.result()
             self._finish(epoch_num, metrics, time.perf_counter() - started, inference_seconds)
+            if self.best is not None:
+                self.best.offer(reservation, epoch_num, metrics)
 
     def _finish(self, epoch_num, metrics, seconds, inference_seconds):
         box, mask = metrics["bbox"]["AP"], metrics["segm"]["AP"]

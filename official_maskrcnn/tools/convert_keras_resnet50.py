@@ -31,6 +31,10 @@ one grey level lower per channel (0.96, 0.83, 0.91). Running these weights with 
 shifts every input pixel by that constant; small, but not bit-exact with Keras.
 """
 
+# First, before TensorFlow loads: run as a command, this entry keeps TensorFlow's chatter off
+# the console (tfrecord_tools/quiet_tensorflow.py).
+from tfrecord_tools import quiet_tensorflow  # noqa: F401  # isort: split
+
 import os
 import re
 import sys

@@ -14,6 +14,10 @@ The pickle (Python 2, read with latin1) is a dict of numpy blobs, possibly neste
 A blob missing for any variable, or of the wrong shape, is an error that names it.
 """
 
+# First, before TensorFlow loads: run as a command, this entry keeps TensorFlow's chatter off
+# the console (tfrecord_tools/quiet_tensorflow.py).
+from tfrecord_tools import quiet_tensorflow  # noqa: F401  # isort: split
+
 import pickle
 import sys
 
