@@ -36,6 +36,11 @@ OUTPUT_DTYPES = {"detection_boxes": "DT_FLOAT", "detection_scores": "DT_FLOAT",
                  "detection_masks": "DT_FLOAT", "detection_masks_image": "DT_UINT8",
                  "original_size": "DT_INT32"}
 
+# A wrong input shape: refused by the loaded signature's binding (TypeError) or by the graph's
+# own check (`serving.checked_input`); both name the shapes.
+WRONG_SHAPE = ((TypeError, ValueError, tf.errors.InvalidArgumentError),
+               r"Can not cast TensorSpec\(shape=|is not compatible with expected shape")
+
 # Runs in a fresh interpreter: loads the export with TensorFlow alone, serves the images as one
 # batch and one by one, and saves every output.
 FRESH_PROCESS_SCRIPT = r"""
@@ -118,7 +123,7 @@ class ExportTest(tf.test.TestCase):
         self.assertAllEqual(outputs["original_size"], [height, width])
         self.assertAllClose(outputs["detection_boxes"][:count][:, [1, 0, 3, 2]],
                             expected["boxes_xyxy"], atol=1e-3, rtol=0, msg=where)
-        self.assertAllClose(outputs["detection_scores"][:count], expected["scores"], atol=1e-5,
+        self.assertAllClose(outputs["detection_scores"][:count], expected["scores"], atol=1e-4,
                             rtol=0, msg=where)
         self.assertAllEqual(outputs["detection_classes"][:count],
                             [self.label_to_category[int(label)] for label in expected["labels"]])
@@ -135,7 +140,8 @@ class ExportTest(tf.test.TestCase):
 
     def assert_same_outputs(self, first, second, where=""):
         """One image's outputs of two signatures (two batches: oneDNN may round differently):
-        boxes to 1e-3 px, scores and mask probabilities to 1e-5, the rest exactly, pasted masks
+        boxes to 1e-3 px, scores and mask probabilities to 1e-4 (a sigmoid of logits in the
+        tens, seen 1.5e-5 apart between a batch of 2 and of 1), the rest exactly, pasted masks
         on >= 99.99 % of pixels."""
         self.assertAllEqual(first["num_detections"], second["num_detections"])
         self.assertAllEqual(first["original_size"], second["original_size"])
@@ -143,7 +149,7 @@ class ExportTest(tf.test.TestCase):
         self.assertAllClose(first["detection_boxes"], second["detection_boxes"], atol=1e-3,
                             rtol=0, msg=where)
         for key in ("detection_scores", "detection_masks"):
-            self.assertAllClose(first[key], second[key], atol=1e-5, rtol=0, msg=f"{where} {key}")
+            self.assertAllClose(first[key], second[key], atol=1e-4, rtol=0, msg=f"{where} {key}")
         masks = first["detection_masks_image"], second["detection_masks_image"]
         self.assertEqual(masks[0].shape, masks[1].shape)
         self.assertLessEqual(int((masks[0] != masks[1]).sum()), 1e-4 * max(masks[0].size, 1))
@@ -238,8 +244,7 @@ class ExportTest(tf.test.TestCase):
             self.served(inputs=tf.constant([good[:len(good) // 3]]))  # a truncated JPEG
         with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "is not a JPEG or PNG"):
             self.served(inputs=tf.constant([b""]))
-        with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                    r"expected \[batch\] strings, found shape\] \[1 2\]"):
+        with self.assertRaisesRegex(*WRONG_SHAPE):
             self.served(inputs=tf.constant([[good, good]]))
         self.assertGreater(int(self.served(inputs=tf.constant([good]))["num_detections"][0]), 0)
 
@@ -304,13 +309,9 @@ class ExportTest(tf.test.TestCase):
         as_bytes = self.served(inputs=tf.constant([buffer.getvalue()]))
         self.assert_same_outputs({k: v[0] for k, v in outputs.items()},
                                  {k: v[0].numpy() for k, v in as_bytes.items()})
-        # A loaded signature checks only the dtype; the graph checks the shape.
         for wrong in (tf.zeros([3, 32, 32, 3], tf.uint8), tf.zeros([2, 32, 32, 4], tf.uint8),
                       tf.zeros([2, 32, 32], tf.uint8)):
-            with self.assertRaisesRegex(
-                    tf.errors.InvalidArgumentError,
-                    r"serving input: expected \[2, height, width, 3\] uint8 RGB images, found "
-                    r"shape\] \[" + ", ".join(str(side) for side in wrong.shape)):
+            with self.assertRaisesRegex(*WRONG_SHAPE):
                 serve(inputs=wrong)
         with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "expected a uint8 tensor"):
             serve(inputs=tf.zeros([2, 32, 32, 3], tf.float32))

@@ -71,24 +71,13 @@ def input_signature(input_type, batch_size=None):
 
 
 def checked_input(inputs, input_type, batch_size=None):
-    """`inputs`, after an in-graph check of its shape: a loaded SavedModel's signature checks
-    only the dtype (a [2, H, W, 4] or a batch of 3 for a fixed batch of 2 would otherwise run),
-    so a wrong shape fails the call with an InvalidArgumentError saying what was expected."""
-    image_tensor = input_type == "image_tensor"
-    shape = tf.shape(inputs)
-    padded = tf.concat([shape, tf.zeros([4], tf.int32)], axis=0)  # index any rank safely
-    valid = tf.equal(tf.size(shape), 4 if image_tensor else 1)
-    if image_tensor:
-        valid &= tf.equal(padded[3], 3)
-    if batch_size:
-        valid &= tf.equal(padded[0], batch_size)
-    batch = batch_size or "batch"
-    expected = (f"[{batch}, height, width, 3] uint8 RGB images" if image_tensor else
-                f"[{batch}] strings")
-    check = tf.debugging.Assert(valid, [f"serving input: expected {expected}, found shape",
-                                        shape])
-    with tf.control_dependencies([check]):
-        return tf.identity(inputs)
+    """`inputs`, its shape checked in the graph: a loaded SavedModel's signature may check only
+    the dtype (a [2, H, W, 4] tensor, or a batch of 3 for a fixed batch of 2, would otherwise
+    run or fail deep inside), so a wrong shape fails the call with an InvalidArgumentError
+    naming the found and the expected shape. A data-path op (`tf.ensure_shape`), not an
+    assertion beside it: nothing downstream can run first."""
+    spec = input_signature(input_type, batch_size)
+    return tf.ensure_shape(inputs, spec.shape, name="check_serving_input_shape")
 
 
 class DetectionServer(tf.Module):
