@@ -32,6 +32,10 @@ temporary folder and moved into place, so a failed export leaves no half-written
 Exit codes: 0 exported; 1 a bad argument, checkpoint or config (the message says which).
 """
 
+# First, before TensorFlow loads: run as a command, this entry keeps TensorFlow's chatter off
+# the console (tfrecord_tools/quiet_tensorflow.py).
+from tfrecord_tools import quiet_tensorflow  # noqa: F401  # isort: split
+
 import json
 import os
 import shutil

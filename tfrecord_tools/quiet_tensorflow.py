@@ -1,7 +1,7 @@
 """A readable console for the command-line entries: TensorFlow's chatter off, real problems on.
 
 Imported by every entry module before anything imports TensorFlow (`official_maskrcnn.train`,
-`evaluate`, `predict`, the backbone converters, `tfrecord_tools.verify_tfrecord` and
+`evaluate`, `predict`, `export`, the backbone converters, `tfrecord_tools.verify_tfrecord` and
 `create_coco_tfrecord`). It changes something only when the process was started as one of
 them (`python -m official_maskrcnn.train ...`: the `__main__` module belongs to this
 project); a program or a test that imports an entry module to call its functions keeps
