@@ -313,7 +313,8 @@ class ExportTest(tf.test.TestCase):
                       tf.zeros([2, 32, 32], tf.uint8)):
             with self.assertRaisesRegex(*WRONG_SHAPE):
                 serve(inputs=wrong)
-        with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "expected a uint8 tensor"):
+        with self.assertRaisesRegex((TypeError, tf.errors.InvalidArgumentError),
+                                    r"dtype=tf.uint8|expected to be a uint8 tensor"):
             serve(inputs=tf.zeros([2, 32, 32, 3], tf.float32))
 
     def test_predict_with_the_saved_model(self):
