@@ -48,6 +48,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from official_maskrcnn import runtime
+from official_maskrcnn.inference import exported_model
 from official_maskrcnn.inference import predictor as predictor_lib
 from official_maskrcnn.inference import serving
 from official_maskrcnn.inference.image_files import PredictError
@@ -63,9 +64,9 @@ flags.DEFINE_string("batch_size", "dynamic", "Images per call: a positive int, o
 DEFAULT_SCORE_THRESHOLD = 0.05
 flags.DEFINE_boolean("overwrite", False, "Replace an existing --export_dir.")
 
-LABEL_MAP_FILE = "label_map.json"
-CONFIG_FILE = "config.gin"
-EXPORT_FILE = "export.json"  # the export's arguments: input_type, batch_size, thresholds
+# The asset names: exported_model.LABEL_MAP_FILE, CONFIG_FILE, EXPORT_FILE (what predict reads).
+ASSET_FILES = (exported_model.LABEL_MAP_FILE, exported_model.CONFIG_FILE,
+               exported_model.EXPORT_FILE)
 
 
 class ExportError(PredictError):
@@ -143,12 +144,12 @@ def export(export_dir, checkpoint, input_type="image_bytes", batch_size=None,
         asset_dir = os.path.join(staging, "assets-in")
         os.makedirs(asset_dir)
         assets = {name: os.path.join(asset_dir, name)
-                  for name in (LABEL_MAP_FILE, CONFIG_FILE, EXPORT_FILE)}
-        with open(assets[LABEL_MAP_FILE], "w", encoding="utf-8") as f:
+                  for name in ASSET_FILES}
+        with open(assets[exported_model.LABEL_MAP_FILE], "w", encoding="utf-8") as f:
             json.dump(label_map_entries(class_names, label_to_category), f, indent=1)
-        with open(assets[CONFIG_FILE], "w", encoding="utf-8") as f:
+        with open(assets[exported_model.CONFIG_FILE], "w", encoding="utf-8") as f:
             f.write(gin.config_str())
-        with open(assets[EXPORT_FILE], "w", encoding="utf-8") as f:
+        with open(assets[exported_model.EXPORT_FILE], "w", encoding="utf-8") as f:
             json.dump({"input_type": input_type, "batch_size": batch_size,
                        "score_threshold": score_threshold, "max_detections": max_detections,
                        "checkpoint": restored}, f, indent=1)

@@ -25,7 +25,7 @@ from official_maskrcnn.inference import image_files
 from official_maskrcnn.inference import predictor as predictor_lib
 from official_maskrcnn.inference import serving
 from official_maskrcnn.inference.image_files import PredictError
-from tests.test_predict import SMOKE, make_data, train_two_steps
+from tests.test_predict import SMOKE, trained_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO128_IMAGES = os.path.join(REPO, "..", "shared", "data", "coco128", "train2017")
@@ -84,10 +84,7 @@ class ExportTest(tf.test.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.tmp = tempfile.mkdtemp()
-        cls.annotations, cls.bindings = make_data(cls.tmp)
-        cls.model = train_two_steps(cls.bindings)
-        cls.checkpoint = tf.train.Checkpoint(model=cls.model).save(
-            os.path.join(cls.tmp, "model", "ckpt"))
+        cls.annotations, cls.bindings, cls.model, cls.checkpoint = trained_checkpoint(cls.tmp)
         cls.images = coco128_inputs(cls.tmp)
         cls.export_dir = os.path.join(cls.tmp, "export")
         cls.stdout, cls.stderr = io.StringIO(), io.StringIO()

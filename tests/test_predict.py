@@ -70,6 +70,15 @@ def train_two_steps(bindings):
     return model
 
 
+def trained_checkpoint(root):
+    """make_data + train_two_steps + a checkpoint of the model: (annotations, bindings, model,
+    checkpoint prefix under root/model)."""
+    annotations, bindings = make_data(root)
+    model = train_two_steps(bindings)
+    checkpoint = tf.train.Checkpoint(model=model).save(os.path.join(root, "model", "ckpt"))
+    return annotations, bindings, model, checkpoint
+
+
 def pick_inputs(root, annotations):
     """A landscape JPEG, a portrait JPEG and a grayscale PNG (COCO-style names)."""
     with open(annotations) as f:
@@ -90,10 +99,7 @@ class PredictTest(tf.test.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.tmp = tempfile.mkdtemp()
-        cls.annotations, cls.bindings = make_data(cls.tmp)
-        cls.model = train_two_steps(cls.bindings)
-        cls.checkpoint = tf.train.Checkpoint(model=cls.model).save(
-            os.path.join(cls.tmp, "model", "ckpt"))
+        cls.annotations, cls.bindings, cls.model, cls.checkpoint = trained_checkpoint(cls.tmp)
         cls.images = pick_inputs(cls.tmp, cls.annotations)
         cls.output_dir = os.path.join(cls.tmp, "out")
         cls.stdout = io.StringIO()

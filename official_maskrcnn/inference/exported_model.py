@@ -10,11 +10,13 @@ import numpy as np
 import tensorflow as tf
 
 from official_maskrcnn.evaluation import coco_results, mask_pasting
+from official_maskrcnn.inference import serving
 from official_maskrcnn.inference.image_files import PredictError
 
-LABEL_MAP_FILE = "label_map.json"  # the export's assets (export.py)
-EXPORT_FILE = "export.json"
-ENCODED_IMAGE_KEY = "image/encoded"
+# The export's assets (written by `official_maskrcnn.export`).
+LABEL_MAP_FILE = "label_map.json"  # [{label, id, name}]
+CONFIG_FILE = "config.gin"  # the parsed config
+EXPORT_FILE = "export.json"  # the export's arguments: input_type, batch_size, thresholds
 
 
 def _read_asset(export_dir, name):
@@ -54,7 +56,7 @@ class ExportedModel:
             value = image[None]
         elif input_type == "tf_example":
             example = tf.train.Example(features=tf.train.Features(feature={
-                ENCODED_IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(
+                serving.ENCODED_IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(
                     value=[encoded]))}))
             value = tf.constant([example.SerializeToString()])
         else:

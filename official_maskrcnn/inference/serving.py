@@ -31,12 +31,13 @@ import functools
 import tensorflow as tf
 
 from official_maskrcnn.data import decoder, parsers
+from official_maskrcnn.inference.image_files import PNG_MAGIC
 from official_maskrcnn.ops import mask_paste
+from tfrecord_tools import features
 
 INPUT_TYPES = ("image_bytes", "image_tensor", "tf_example")
 INPUT_NAME = "inputs"  # the signature's one input, as Model Garden's exports name it
-ENCODED_IMAGE_KEY = "image/encoded"  # tf_example input: the converter's feature key
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ENCODED_IMAGE_KEY = features.ENCODED  # tf_example input: the converter's feature key
 DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "detection_masks",
                   "num_detections")
 
