@@ -28,7 +28,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from official_maskrcnn import runtime
-from official_maskrcnn.data import decode_failures, startup_checks
+from official_maskrcnn.data import decode_failures, label_maps, startup_checks
 from official_maskrcnn.evaluation import coco_metrics
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.training import checkpointing
@@ -63,6 +63,12 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
         raise EvaluateError(f"no checkpoint in {model_dir} (and no --checkpoint given)")
     # Before the model is built: a missing checkpoint is reported at once.
     candidates = runtime.checkpoint_candidates(checkpoint or model_dir)
+    # The ground truth's categories must be the run's label map (scores against shifted
+    # categories would be wrong without any error), and give the model its class count.
+    ground_truth_map = label_maps.from_annotations(
+        coco_metrics.check_ground_truth_file(annotations))
+    label_maps.check_same(runtime.saved_label_map(checkpoint or model_dir), ground_truth_map)
+    label_maps.apply_num_classes(ground_truth_map)
     strategy = runtime.build_strategy(settings)
     model = runtime.build_model(strategy, settings.precision)
     checkpoint = runtime.restore_model_weights(model, candidates)

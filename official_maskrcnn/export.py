@@ -124,7 +124,7 @@ def export(export_dir, checkpoint, input_type="image_bytes", batch_size=None,
     settings = settings or runtime.run_settings()
     candidates = predictor_lib.resolve_checkpoint(checkpoint)
     parser = predictor_lib.eval_preprocessing()
-    label_map = predictor_lib.load_label_map(settings.eval_annotations_file)
+    label_map = predictor_lib.run_label_map(checkpoint, settings.eval_annotations_file)
     started = time.perf_counter()
     model, restored = predictor_lib.restore_model(candidates, settings.precision)
     class_names, label_to_category = predictor_lib.class_maps(label_map,

@@ -17,12 +17,12 @@ import tensorflow as tf
 import tf_keras
 from absl import flags
 
-from official_maskrcnn.data import dataset_builder
+from official_maskrcnn.data import dataset_builder, label_maps
 from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.modeling import factory
 from official_maskrcnn.modeling.backbones.checkpoint import BackboneWeightsError
-from official_maskrcnn.training import checkpointing, distribution
+from official_maskrcnn.training import best_checkpoint, checkpointing, distribution
 from official_maskrcnn.training import optimizer as _optimizer  # noqa: F401  (see below)
 
 # `training.optimizer` is imported for its gin configurable `optimizer.build_optimizer`: every
@@ -218,6 +218,21 @@ INPUT_ERRORS = (FileNotFoundError, dataset_builder.InputError, BackboneWeightsEr
 # The box head's class logits in a checkpoint of `tf.train.Checkpoint(model=...)`: its bias
 # has one value per class, background included (tests/test_runtime.py checks the key).
 CLASS_LOGITS_BIAS_KEY = "model/box_head/_cls_score/bias/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def saved_label_map(checkpoint):
+    """The `label_map.json` training saved for `checkpoint` (a prefix or a folder): in the
+    checkpoint's folder, or, for the best checkpoint (`M/best/`), in its run's folder M; None
+    when there is none (runs from before the file existed, checkpoints of another tool)."""
+    folder = checkpoint if tf.io.gfile.isdir(checkpoint) else os.path.dirname(checkpoint)
+    folders = [folder]
+    if os.path.basename(os.path.normpath(folder)) == best_checkpoint.BEST_DIR_NAME:
+        folders.append(os.path.dirname(os.path.normpath(folder)))
+    for candidate in folders:
+        path = os.path.join(candidate, label_maps.LABEL_MAP_FILE)
+        if tf.io.gfile.exists(path):
+            return label_maps.read(path)
+    return None
 
 
 def restore_model_weights(model, checkpoint):

@@ -47,7 +47,7 @@ import tf_keras
 from absl import app, flags, logging
 
 from official_maskrcnn import runtime
-from official_maskrcnn.data import dataset_builder, decode_failures, startup_checks
+from official_maskrcnn.data import dataset_builder, decode_failures, label_maps, startup_checks
 from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics
 from official_maskrcnn.modeling import summary
 from official_maskrcnn.training import best_checkpoint
@@ -73,6 +73,7 @@ class _Context:
     mllog: mlperf_logger.MLPerfLogger
     seed: int
     run_id: str
+    label_map: label_maps.LabelMap = None  # None: neither records nor ground truth carry one
 
     @property
     def chief(self):
@@ -106,6 +107,7 @@ def run(model_dir, settings=None, extra_callbacks=(), **overrides):
     """
     settings = settings or runtime.run_settings(**overrides)
     _check_files(settings)
+    label_map = run_label_map(model_dir, settings)
     strategy, worker_id, num_workers = _strategy(settings)
     run_id = new_run_id()
     lock = model_dir_lock.ModelDirLock(model_dir, run_id)
@@ -113,6 +115,7 @@ def run(model_dir, settings=None, extra_callbacks=(), **overrides):
         lock.acquire()
     try:
         context = _start(model_dir, settings, strategy, worker_id, num_workers, run_id)
+        context.label_map = label_map
         return _run(context, extra_callbacks)
     finally:
         lock.release()
@@ -174,6 +177,48 @@ def _timed_run(context, model, optimizer, extra_callbacks):
     _print_final_weights(trainer)
     # MLPerf success: both accuracy targets reached, which only an evaluation can tell.
     return logs, eval_callback is not None and eval_callback.targets_met
+
+
+def run_label_map(model_dir, settings):
+    """The run's label map (`data/label_maps.py`), before the model is built: the training
+    records' manifest, checked against the eval records', the eval ground truth's and the one
+    an earlier run saved in `model_dir`; without a manifest, the ground truth's categories.
+    `build_maskrcnn_model.num_classes` is set from it when the config leaves it unset, checked
+    otherwise. Only metadata is read (a glob and small JSON files), not the data itself.
+
+    Returns:
+      the LabelMap, or None when neither the records nor the ground truth carry one.
+    Raises:
+      label_maps.LabelMapError: any two of them disagree (the message names both files).
+    """
+    train_map = label_maps.from_records(_bound_file_pattern("train"))
+    eval_map = ground_truth_map = None
+    if settings.eval_annotations_file:
+        eval_map = label_maps.from_records(_bound_file_pattern("eval"))
+        ground_truth_map = label_maps.from_annotations(settings.eval_annotations_file)
+    label_map = train_map or eval_map or ground_truth_map
+    for other in (eval_map, ground_truth_map, runtime.saved_label_map(model_dir)):
+        label_maps.check_same(label_map, other)
+    num_classes, was_set = label_maps.apply_num_classes(label_map)
+    if label_map is not None:
+        how = "set from it" if was_set else "as configured"
+        print(f"label map: {len(label_map.entries)} classes from {label_map.source}; "
+              f"{label_maps.NUM_CLASSES_PARAMETER} = {num_classes} ({how})", flush=True)
+    return label_map
+
+
+def _bound_file_pattern(scope):
+    """`<scope>/DatasetBuilder.file_pattern` (or the unscoped one) as gin binds it; None when
+    unbound (the builder's own error names it later)."""
+    for selector in (f"{scope}/DatasetBuilder.file_pattern", "DatasetBuilder.file_pattern"):
+        try:
+            value = gin.query_parameter(selector)
+        except ValueError:
+            continue
+        if isinstance(value, gin.config.ConfigurableReference):
+            value = value.scoped_configurable_fn()  # a macro (`%train_records`): its value
+        return value
+    return None
 
 
 def _strategy(settings):
@@ -267,10 +312,13 @@ def _check_inputs(context, model, train_builder, eval_callback):
 
 
 def _write_operative_config(context):
-    """Every setting the run used, as gin, into the model dir (by the chief)."""
+    """Every setting the run used, as gin, and the label map, into the model dir (by the
+    chief): what evaluate, predict and export need beside the checkpoints."""
     if context.chief:
         with tf.io.gfile.GFile(os.path.join(context.model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.operative_config_str())
+        if context.label_map is not None:
+            label_maps.write(context.model_dir, context.label_map)
 
 
 def _callbacks(context, loop, eval_callback, extra_callbacks):

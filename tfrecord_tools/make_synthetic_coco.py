@@ -1,14 +1,15 @@
 """Writes a small synthetic COCO-layout dataset of simple shapes (the project's default data).
 
     python -m tfrecord_tools.make_synthetic_coco --output_dir D --split NAME --num_images N \
-        [--image_size S] [--seed K]
+        [--image_size S] [--seed K] [--num_classes C]
 
 writes the images `D/NAME/<012d image id>.jpg` and `D/annotations/instances_NAME.json` (standard
 COCO instances JSON). Generating 256 images of 256 pixels takes about 2 s on one CPU core.
 
 Classes (non-contiguous ids on purpose, so that code mapping COCO ids to contiguous labels is
 exercised as with real COCO; a class is recognisable by shape alone, colours are random):
-    3 = rectangle (axis-aligned), 7 = ellipse (rotated), 11 = triangle (rotated).
+    3 = rectangle (axis-aligned), 7 = ellipse (rotated), 11 = triangle (rotated), and with
+    --num_classes 4 or 5 also 14 = cross (a plus sign, rotated), 20 = star (five points, rotated).
 
 Each image: a plain background (dark or light, with mild Gaussian noise) and 1-4 objects whose
 longer box side is 10%-45% of the shorter image side (an object is left out when no free room is
@@ -57,12 +58,20 @@ from pycocotools import mask as mask_util
 
 from tfrecord_tools.progress import Progress
 
-CATEGORIES = (
+# Every class the generator can draw; a dataset uses the first --num_classes of them.
+ALL_CATEGORIES = (
     {"id": 3, "name": "rectangle", "supercategory": "shape"},
     {"id": 7, "name": "ellipse", "supercategory": "shape"},
     {"id": 11, "name": "triangle", "supercategory": "shape"},
+    {"id": 14, "name": "cross", "supercategory": "shape"},
+    {"id": 20, "name": "star", "supercategory": "shape"},
 )
-RECTANGLE_ID, ELLIPSE_ID, TRIANGLE_ID = 3, 7, 11
+DEFAULT_NUM_CLASSES = 3
+CATEGORIES = ALL_CATEGORIES[:DEFAULT_NUM_CLASSES]
+RECTANGLE_ID, ELLIPSE_ID, TRIANGLE_ID, CROSS_ID, STAR_ID = 3, 7, 11, 14, 20
+# The cross's arm width and the star's inner radius, as fractions of the outer extent.
+CROSS_ARM_RANGE = (0.3, 0.45)
+STAR_INNER_RANGE = (0.4, 0.5)
 
 EMPTY_FRACTION = 0.05
 GRAYSCALE_FRACTION = 0.10
@@ -167,9 +176,19 @@ def shape_polygon(rng, category_id, extent):
         # Jittered equilateral: every angle stays well away from 0, so it never looks like a line.
         angles = np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3]) + rng.uniform(-0.3, 0.3, size=3)
         points = np.stack([np.cos(angles), rng.uniform(0.7, 1.0) * np.sin(angles)], axis=1)
+    elif category_id == CROSS_ID:
+        # A plus sign: 12 vertices, arms of half-width a around the centre of a unit square.
+        a = rng.uniform(*CROSS_ARM_RANGE) / 2
+        points = np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1],
+                           [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]])
+    elif category_id == STAR_ID:
+        # Five points: outer and inner radii alternate, so the outline is concave.
+        angles = np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, rng.uniform(*STAR_INNER_RANGE))
+        points = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
     else:
         raise ValueError(f"unknown category id {category_id}, expected one of "
-                         f"{[c['id'] for c in CATEGORIES]}")
+                         f"{[c['id'] for c in ALL_CATEGORIES]}")
     rotation = rng.uniform(0.0, 2 * np.pi)
     cos, sin = np.cos(rotation), np.sin(rotation)
     points = points @ np.array([[cos, sin], [-sin, cos]])
@@ -361,7 +380,7 @@ def _try_place_crowd(rng, occupied, height, width, short_side):
 
 
 def make_image_and_annotations(rng, height, width, *, empty=False, grayscale=False,
-                               crowd=False, force_split=False):
+                               crowd=False, force_split=False, categories=CATEGORIES):
     """Draws one synthetic image and returns it with its annotations.
 
     Args:
@@ -371,6 +390,7 @@ def make_image_and_annotations(rng, height, width, *, empty=False, grayscale=Fal
       grayscale: return a single-channel ('L') image.
       crowd: add one crowd region (placed first, as it needs the most room).
       force_split: cut the first object into two polygons (if it is large enough).
+      categories: the classes objects are drawn from (category dicts of ALL_CATEGORIES).
 
     Returns:
       A dict with `image` (PIL Image, mode 'RGB' or 'L', size (width, height)) and
@@ -392,7 +412,7 @@ def make_image_and_annotations(rng, height, width, *, empty=False, grayscale=Fal
                 occupied |= _dilate(placed[-1]["mask"], MIN_GAP_PX)
         extent_range = tuple(max(6.0, f * short_side) for f in OBJECT_EXTENT_RANGE)
         for index in range(int(rng.integers(1, 5))):
-            category_id = int(rng.choice([c["id"] for c in CATEGORIES]))
+            category_id = int(rng.choice([c["id"] for c in categories]))
             forced = force_split and index == 0
             cut = forced or rng.random() < SPLIT_PROBABILITY
             # A forced cut needs a large object; its parts must stay clearly visible.
@@ -418,8 +438,12 @@ def make_image_and_annotations(rng, height, width, *, empty=False, grayscale=Fal
 # Files.
 
 
-def generate_split(output_dir, split, num_images, image_size=256, seed=0, progress_stream=None):
+def generate_split(output_dir, split, num_images, image_size=256, seed=0, progress_stream=None,
+                   num_classes=DEFAULT_NUM_CLASSES):
     """Writes `output_dir/split/*.jpg` and `output_dir/annotations/instances_<split>.json`.
+
+    The objects are of the first `num_classes` classes of ALL_CATEGORIES (1..5; the default 3
+    gives the same files as before the other two classes existed).
 
     The JSON is written last, through a temporary file, so a partial run never leaves a JSON
     naming images that do not exist. A progress line goes to `progress_stream` if given.
@@ -431,13 +455,16 @@ def generate_split(output_dir, split, num_images, image_size=256, seed=0, progre
     annotation_dir = os.path.join(output_dir, "annotations")
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(annotation_dir, exist_ok=True)
+    if not 1 <= num_classes <= len(ALL_CATEGORIES):
+        raise ValueError(f"num_classes must be in 1..{len(ALL_CATEGORIES)}, found {num_classes}")
+    categories = ALL_CATEGORIES[:num_classes]
     images, annotations = [], []
     plans = plan_images(num_images, image_size, seed, split)
     for count, plan in enumerate(plans, start=1):
         result = make_image_and_annotations(
             np.random.default_rng(plan["seed"]), plan["height"], plan["width"],
             empty=plan["empty"], grayscale=plan["grayscale"], crowd=plan["crowd"],
-            force_split=plan["force_split"])
+            force_split=plan["force_split"], categories=categories)
         result["image"].save(os.path.join(image_dir, plan["file_name"]), format="JPEG",
                              quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
         images.append({key: plan[key] for key in ("id", "file_name", "height", "width")})
@@ -461,7 +488,7 @@ def generate_split(output_dir, split, num_images, image_size=256, seed=0, progre
         "licenses": [{"id": 1, "name": "CC0 1.0", "url": ""}],
         "images": images,
         "annotations": annotations,
-        "categories": [dict(category) for category in CATEGORIES],
+        "categories": [dict(category) for category in categories],
     }
     json_path = os.path.join(annotation_dir, f"instances_{split}.json")
     with open(json_path + ".tmp", "w", encoding="utf-8") as f:
@@ -480,6 +507,10 @@ def _parse_args(argv):
     parser.add_argument("--image_size", type=int, default=256,
                         help=f"longer image side in pixels, >= {MIN_IMAGE_SIZE} (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    classes = ", ".join(f"{c['id']} {c['name']}" for c in ALL_CATEGORIES)
+    parser.add_argument("--num_classes", type=int, default=DEFAULT_NUM_CLASSES,
+                        help=f"how many of the classes {classes} to draw, in that order "
+                             f"(default {DEFAULT_NUM_CLASSES})")
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error(f"--num_images must be >= 1, got {args.num_images}")
@@ -490,6 +521,8 @@ def _parse_args(argv):
         parser.error(f"--split must be a plain directory name, got {args.split!r}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    if not 1 <= args.num_classes <= len(ALL_CATEGORIES):
+        parser.error(f"--num_classes must be in 1..{len(ALL_CATEGORIES)}, got {args.num_classes}")
     return args
 
 
@@ -497,7 +530,7 @@ def main(argv=None):
     """Command-line entry point; returns the process exit code."""
     args = _parse_args(argv)
     coco = generate_split(args.output_dir, args.split, args.num_images, args.image_size,
-                          args.seed, progress_stream=sys.stderr)
+                          args.seed, progress_stream=sys.stderr, num_classes=args.num_classes)
     annotations = coco["annotations"]
     print(f"make_synthetic_coco: {len(coco['images'])} images, {len(annotations)} annotations "
           f"({sum(a['iscrowd'] for a in annotations)} crowd, "

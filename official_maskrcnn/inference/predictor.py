@@ -15,11 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 from official_maskrcnn import runtime
-from official_maskrcnn.data import dataset_builder, parsers
+from official_maskrcnn.data import dataset_builder, label_maps, parsers
 from official_maskrcnn.evaluation import coco_results
 from official_maskrcnn.inference.image_files import PredictError
 from official_maskrcnn.training import checkpointing
-from tfrecord_tools import coco_index
 
 PREPROCESSING_KEYS = ("min_size", "max_size", "size_divisibility", "pixel_mode")
 
@@ -38,32 +37,46 @@ def eval_preprocessing():
 
 
 def load_label_map(annotations_file):
-    """The annotation JSON's categories as `coco_index.LabelEntry`s (labels 1..K, sorted by
+    """The annotation JSON's categories as a `label_maps.LabelMap` (labels 1..K, sorted by
     category id, as the converter numbered them); None without a file."""
-    if not annotations_file:
-        return None
     try:
-        data = coco_index.read_coco_json(annotations_file)
-        if not isinstance(data, dict) or not isinstance(data.get("categories"), list):
-            raise coco_index.ConversionError(
-                f"{annotations_file}: expected a COCO JSON object with a 'categories' list")
-        return coco_index.build_label_map(data["categories"], annotations_file)
-    except coco_index.ConversionError as e:
+        return label_maps.from_annotations(annotations_file)
+    except label_maps.LabelMapError as e:
         raise PredictError(f"run.eval_annotations_file: {e}") from e
+
+
+def run_label_map(checkpoint, annotations_file):
+    """The label map predict and export use (`data/label_maps.py`): the `label_map.json` that
+    training saved beside `checkpoint`, checked against `annotations_file`'s categories when
+    that file exists; without a saved one, those categories; None without either. The model's
+    `num_classes` is set from it when the config leaves it unset, checked otherwise.
+
+    Raises:
+      label_maps.LabelMapError: the two disagree, or `num_classes` disagrees with the map.
+      PredictError: no saved map and an unusable `annotations_file`.
+    """
+    saved = runtime.saved_label_map(checkpoint) if checkpoint else None
+    if saved is None:
+        label_map = load_label_map(annotations_file)
+    else:
+        if annotations_file and tf.io.gfile.exists(annotations_file):
+            label_maps.check_same(saved, load_label_map(annotations_file))
+        label_map = saved
+    label_maps.apply_num_classes(label_map)
+    return label_map
 
 
 def class_maps(label_map, num_classes):
     """({label: name}, {label: category_id}) for the model's labels 1..num_classes-1: from the
-    label map, or "class <label>" and category_id = label without one."""
+    `label_maps.LabelMap`, or "class <label>" and category_id = label without one."""
     if label_map is None:
         labels = range(1, num_classes)
         return {label: f"class {label}" for label in labels}, {label: label for label in labels}
-    if len(label_map) != num_classes - 1:
-        raise PredictError(f"run.eval_annotations_file has {len(label_map)} categories, but the "
-                           f"model has {num_classes - 1} classes (build_maskrcnn_model."
+    if label_map.num_classes != num_classes:
+        raise PredictError(f"{label_map.source} has {len(label_map.entries)} categories, but "
+                           f"the model has {num_classes - 1} classes (build_maskrcnn_model."
                            f"num_classes = {num_classes}, background included)")
-    return ({entry.label: entry.name for entry in label_map},
-            {entry.label: entry.coco_id for entry in label_map})
+    return label_map.class_names, label_map.label_to_category
 
 
 def resolve_checkpoint(checkpoint):

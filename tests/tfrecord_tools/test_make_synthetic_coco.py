@@ -28,10 +28,13 @@ SPLIT = "train"
 FOREGROUND_THRESHOLD = 40
 
 
-def _generate(output_dir, split=SPLIT, num_images=NUM_IMAGES, image_size=IMAGE_SIZE, seed=SEED):
+def _generate(output_dir, split=SPLIT, num_images=NUM_IMAGES, image_size=IMAGE_SIZE, seed=SEED,
+              num_classes=None):
     """Runs main() in-process, silencing its progress lines; returns the COCO dict written."""
     argv = ["--output_dir", output_dir, "--split", split, "--num_images", str(num_images),
             "--image_size", str(image_size), "--seed", str(seed)]
+    if num_classes is not None:
+        argv += ["--num_classes", str(num_classes)]
     with contextlib.redirect_stderr(io.StringIO()):
         exit_code = make_synthetic_coco.main(argv)
     assert exit_code == 0, exit_code
@@ -59,11 +62,13 @@ def _read_bytes(path):
 class GeneratedDatasetTest(unittest.TestCase):
     """Generates one dataset per class and checks every documented property of it."""
 
+    NUM_CLASSES = None  # the default
+
     @classmethod
     def setUpClass(cls):
         cls.root = tempfile.mkdtemp(prefix="synthetic_coco_")
         cls.output_dir = os.path.join(cls.root, "a")
-        cls.coco = _generate(cls.output_dir)
+        cls.coco = _generate(cls.output_dir, num_classes=cls.NUM_CLASSES)
         cls.images = {image["id"]: image for image in cls.coco["images"]}
         cls.by_image = {image_id: [] for image_id in cls.images}
         for annotation in cls.coco["annotations"]:
@@ -267,6 +272,19 @@ class GeneratedDatasetTest(unittest.TestCase):
         self.assertGreaterEqual(checked, 20)
 
 
+class FiveClassDatasetTest(GeneratedDatasetTest):
+    """Every property of the default dataset holds with all five classes (cross and star)."""
+
+    NUM_CLASSES = 5
+
+    def test_the_five_classes_and_their_ids(self):
+        self.assertEqual([(c["id"], c["name"]) for c in self.coco["categories"]],
+                         [(3, "rectangle"), (7, "ellipse"), (11, "triangle"), (14, "cross"),
+                          (20, "star")])
+        self.assertEqual({a["category_id"] for a in self.coco["annotations"]},
+                         {3, 7, 11, 14, 20})
+
+
 class DeterminismTest(unittest.TestCase):
 
     @classmethod
@@ -345,7 +363,7 @@ class GeometryTest(unittest.TestCase):
 
     def test_every_shape_has_the_requested_extent(self):
         rng = np.random.default_rng(4)
-        for category in make_synthetic_coco.CATEGORIES:
+        for category in make_synthetic_coco.ALL_CATEGORIES:
             polygon = make_synthetic_coco.shape_polygon(rng, category["id"], 30.0)
             extent = polygon.max(axis=0) - polygon.min(axis=0)
             self.assertAlmostEqual(extent.max(), 30.0, places=6)
@@ -370,6 +388,10 @@ class CommandLineTest(unittest.TestCase):
                     (["--num_images", "2", "--image_size", "31"],
                      "--image_size must be >= 32, got 31"),
                     (["--num_images", "two"], "invalid int value"),
+                    (["--num_images", "2", "--num_classes", "0"],
+                     "--num_classes must be in 1..5, got 0"),
+                    (["--num_images", "2", "--num_classes", "6"],
+                     "--num_classes must be in 1..5, got 6"),
             ):
                 code, stderr = self._exit_code(base + extra)
                 self.assertNotEqual(code, 0)
