@@ -68,10 +68,11 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
     ground_truth_map = label_maps.from_annotations(
         coco_metrics.check_ground_truth_file(annotations))
     label_maps.check_same(runtime.saved_label_map(checkpoint or model_dir), ground_truth_map)
-    label_maps.apply_num_classes(ground_truth_map)
+    label_maps.apply_num_classes(ground_truth_map, check=False)
     strategy = runtime.build_strategy(settings)
     model = runtime.build_model(strategy, settings.precision)
     checkpoint = runtime.restore_model_weights(model, candidates)
+    label_maps.check_model(ground_truth_map, model.settings.num_classes)
     builder = runtime.build_eval_dataset(settings.eval_global_batch_size)
     startup_checks.check_eval_ground_truth(builder, annotations, settings.eval_allow_subset)
     with decode_failures.named_decode_failures(builder):

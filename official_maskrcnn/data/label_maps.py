@@ -203,13 +203,18 @@ def configured_num_classes():
         return None
 
 
-def apply_num_classes(label_map):
+def apply_num_classes(label_map, check=True):
     """Makes the model's class count the label map's: binds `num_classes` when the config
     leaves it unset; returns (num_classes, whether it was set here). None: nothing to apply.
 
+    `check=False` (evaluate, predict, export) leaves a configured `num_classes` alone: there
+    the checkpoint is the authority, and restoring it into a model of another class count is
+    its own, more precise error; what remains is checked against the restored model
+    (`check_model`).
+
     Raises:
-      LabelMapError: the config binds another `num_classes`; the message names both numbers
-        and the label map's file.
+      LabelMapError: with `check`, the config binds another `num_classes`; the message names
+        both numbers and the label map's file.
     """
     if label_map is None:
         return None, False
@@ -218,7 +223,7 @@ def apply_num_classes(label_map):
         with gin.unlock_config():
             gin.bind_parameter(NUM_CLASSES_PARAMETER, label_map.num_classes)
         return label_map.num_classes, True
-    if configured != label_map.num_classes:
+    if check and configured != label_map.num_classes:
         raise LabelMapError(
             f"{NUM_CLASSES_PARAMETER} = {configured} ({configured - 1} classes and the "
             f"background), but {label_map.source} lists {len(label_map.entries)} classes "
@@ -226,3 +231,11 @@ def apply_num_classes(label_map):
             f"'{NUM_CLASSES_PARAMETER} = {label_map.num_classes}'), or leave it unset to take "
             f"it from the data")
     return configured, False
+
+
+def check_model(label_map, num_classes):
+    """LabelMapError unless the model's `num_classes` K is the label map's (None: no map)."""
+    if label_map is not None and label_map.num_classes != num_classes:
+        raise LabelMapError(f"{label_map.source} lists {len(label_map.entries)} classes, but the "
+                            f"model has {num_classes - 1} (build_maskrcnn_model.num_classes = "
+                            f"{num_classes}, background included)")

@@ -49,10 +49,10 @@ def run_label_map(checkpoint, annotations_file):
     """The label map predict and export use (`data/label_maps.py`): the `label_map.json` that
     training saved beside `checkpoint`, checked against `annotations_file`'s categories when
     that file exists; without a saved one, those categories; None without either. The model's
-    `num_classes` is set from it when the config leaves it unset, checked otherwise.
+    `num_classes` is set from it when the config leaves it unset.
 
     Raises:
-      label_maps.LabelMapError: the two disagree, or `num_classes` disagrees with the map.
+      label_maps.LabelMapError: the two disagree.
       PredictError: no saved map and an unusable `annotations_file`.
     """
     saved = runtime.saved_label_map(checkpoint) if checkpoint else None
@@ -62,7 +62,7 @@ def run_label_map(checkpoint, annotations_file):
         if annotations_file and tf.io.gfile.exists(annotations_file):
             label_maps.check_same(saved, load_label_map(annotations_file))
         label_map = saved
-    label_maps.apply_num_classes(label_map)
+    label_maps.apply_num_classes(label_map, check=False)  # `class_maps` checks the model
     return label_map
 
 

@@ -465,10 +465,16 @@ class TrainEntryTest(tf.test.TestCase):
 
     def test_bad_data_is_one_error_line_with_exit_1_before_training(self):
         # Labels 1..3 of the smoke data against a model of 2 foreground classes: without the
-        # check, a raw gather error at the first step (issue 15, item 5).
+        # check, a raw gather error at the first step (issue 15, item 5). The records are
+        # copied without their manifest, whose label map would refuse num_classes = 3 earlier
+        # (tests/test_custom_dataset.py): the records' own labels are checked too.
         model_dir = self.create_tempdir().full_path
-        code, stderr = self.run_entry(train, model_dir, [NO_EVAL,
-                                                         "build_maskrcnn_model.num_classes = 3"])
+        pattern = self.data_bindings[0].split("'")[1]
+        without_manifest = damaged_records.rewrite(pattern, self.create_tempdir().full_path,
+                                                   lambda index, example: example)
+        code, stderr = self.run_entry(train, model_dir, [
+            NO_EVAL, "build_maskrcnn_model.num_classes = 3",
+            f"train/DatasetBuilder.file_pattern = '{without_manifest}'"])
         self.assertEqual(code, 1)
         self.assertRegex(stderr, r"^error: \S+train-0000\d-of-00002.tfrecord: record \d+ "
                                  r"\(source id \d+\): class label 3, but the model has "
@@ -543,10 +549,14 @@ class TrainEntryTest(tf.test.TestCase):
 
     def test_a_failure_after_run_start_ends_the_mlperf_log_with_run_stop_aborted(self):
         model_dir = self.create_tempdir().full_path
-        # Labels 1..3 against 2 foreground classes: found by the start-up checks, after
+        # A label 7 against 3 foreground classes in records without a manifest (so no label
+        # map names the class count before the start): found by the start-up checks, after
         # run_start (they read the dataset, which the clock must include).
-        code, _ = self.run_entry(train, model_dir, [NO_EVAL,
-                                                    "build_maskrcnn_model.num_classes = 3"])
+        pattern = self.data_bindings[0].split("'")[1]
+        relabelled = damaged_records.rewrite(pattern, self.create_tempdir().full_path,
+                                             damaged_records.set_labels(3, [7]))
+        code, _ = self.run_entry(train, model_dir, [
+            NO_EVAL, f"train/DatasetBuilder.file_pattern = '{relabelled}'"])
         self.assertEqual(code, 1)
         events = mlperf_events(model_dir)
         keys = [e["key"] for e in events]
