@@ -76,16 +76,16 @@ def _np_max_pool_3x3_s2_p1(x):
     return windows.max(axis=(3, 4))
 
 
-def _np_r50(image, blobs):
-    """Reference forward pass: image [H, W, 3] -> {"2".."5": [H_l, W_l, C_l]}, float64."""
-    b = {k: v.astype(np.float64) for k, v in blobs.items()}
+def _np_r50(image, blobs, dtype=np.float64):
+    """Reference forward pass: image [H, W, 3] -> {"2".."5": [H_l, W_l, C_l]} in `dtype`."""
+    b = {k: v.astype(dtype) for k, v in blobs.items() if k.endswith(("_w", "_s", "_b"))}
 
     def conv_bn(x, name, stride, pad, bn_name):
         y = _np_conv(x, b[f"{name}_w"], stride, pad)
         return y * b[f"{bn_name}_s"] + b[f"{bn_name}_b"]
 
     relu = lambda v: np.maximum(v, 0.0)  # noqa: E731
-    x = relu(conv_bn(image.astype(np.float64), "conv1", 2, 3, "res_conv1_bn"))
+    x = relu(conv_bn(image.astype(dtype), "conv1", 2, 3, "res_conv1_bn"))
     x = _np_max_pool_3x3_s2_p1(x)
     outputs = {}
     for stage, num_blocks, _ in R50_STAGES:
