@@ -83,6 +83,10 @@ class RunSettings:
       box_target, mask_target: stop when both APs reach them (MLPerf: 0.377, 0.339).
       watchdog_seconds: end the run (exit code 124, every thread's stack on stderr) when no
         host call completes for this long (`training.watchdog`); 0: no watchdog.
+      nan_recovery_trials: K, the non-finite steps the run may recover from by restoring its
+        newest checkpoint with a shifted sampling seed (`training.trainer`,
+        `training.nan_recovery`); counted over the whole run, resumes included; 0 (the MLPerf
+        recipe): the first one ends the run with exit code 1.
     """
 
     strategy: str = "default"
@@ -111,6 +115,7 @@ class RunSettings:
     box_target: float = coco_eval_callback.BOX_TARGET
     mask_target: float = coco_eval_callback.MASK_TARGET
     watchdog_seconds: float = 1800
+    nan_recovery_trials: int = 0
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -125,6 +130,10 @@ class RunSettings:
         if self.watchdog_seconds is None or self.watchdog_seconds < 0:
             raise ValueError(f"run.watchdog_seconds: expected a number >= 0 (0: off), found "
                              f"{self.watchdog_seconds!r}")
+        trials = self.nan_recovery_trials
+        if not isinstance(trials, int) or isinstance(trials, bool) or trials < 0:
+            raise ValueError(f"run.nan_recovery_trials: expected an integer >= 0 (0: off), "
+                             f"found {trials!r}")
 
     @property
     def eval_global_batch_size(self):

@@ -4,7 +4,9 @@ Writes into the model dir: `operative_config.gin` (every setting the run used), 
 (the MLPerf compliance log; every line carries the run's id as `metadata.run_id`),
 `metrics.jsonl` (one line per evaluation, with the run id too), checkpoints `ckpt-<step>.*` (at
 epoch ends and every N steps), `best/` (the checkpoint of the best evaluation, with its metrics;
-`training/best_checkpoint.py`) and TensorBoard events under `train/`.
+`training/best_checkpoint.py`), TensorBoard events under `train/` and, with
+`run.nan_recovery_trials` > 0, `nan_recoveries.jsonl` (one line per recovered non-finite step;
+`training/nan_recovery.py`).
 Running the same command again resumes from the newest readable checkpoint, at the exact batch
 where the run stopped; checkpoints are found by their files too, so a missing or stale
 `checkpoint` state file never restarts a run from step 0 over its checkpoints. An evaluation a
@@ -19,11 +21,13 @@ One run per model dir: the chief holds `train.lock` there (`training/model_dir_l
 it writes anything; a second run on the same folder exits at once with code 1, naming the
 holder's host and pid.
 
-Exit codes: 0 done; 1 a non-finite loss, a configuration / input error, unreadable checkpoints
-or the model dir in use by another run (the message says which); 124 the hang watchdog: no host
-call completed in `run.watchdog_seconds` (the last step, the worker and every thread's stack
-are on stderr; `training/watchdog.py`); 128 + signal number after SIGTERM / SIGINT (a
-checkpoint was written first; run the same command to resume).
+Exit codes: 0 done; 1 a non-finite loss (with `run.nan_recovery_trials = K` > 0: the first K
+of the run are recovered, by restoring the newest checkpoint with a shifted sampling seed, and
+the next one exits 1 saying the K recoveries were used), a configuration / input error,
+unreadable checkpoints or the model dir in use by another run (the message says which); 124
+the hang watchdog: no host call completed in `run.watchdog_seconds` (the last step, the worker
+and every thread's stack are on stderr; `training/watchdog.py`); 128 + signal number after
+SIGTERM / SIGINT (a checkpoint was written first; run the same command to resume).
 
 Gin: `run.<setting>` (`runtime.RunSettings`) and the gin scopes `train/DatasetBuilder` (the
 training data), `build_maskrcnn_model` (the model) and `build_optimizer` (the optimizer and
@@ -54,7 +58,7 @@ from official_maskrcnn.training import best_checkpoint
 from official_maskrcnn.training import callbacks as callbacks_lib
 from official_maskrcnn.training import checkpointing, distribution
 from official_maskrcnn.training import hooks as hooks_lib
-from official_maskrcnn.training import mlperf_logger, model_dir_lock
+from official_maskrcnn.training import mlperf_logger, model_dir_lock, nan_recovery
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
 from official_maskrcnn.training import watchdog
@@ -284,7 +288,7 @@ def _loop_settings(context, train_builder):
         steps_per_epoch=train_builder.steps_per_epoch(context.num_workers, replicas_per_worker),
         num_epochs=settings.num_epochs, max_steps=settings.max_steps,
         steps_per_loop=settings.steps_per_loop, jit_compile=settings.jit_compile,
-        seed=context.seed)
+        seed=context.seed, nan_recovery_trials=settings.nan_recovery_trials)
 
 
 def _eval_callback(context, model):
@@ -344,7 +348,8 @@ def _trainer(context, model, optimizer, train_builder, loop, callbacks):
         train_data=lambda epoch, start: train_builder.distribute(strategy, epoch, start),
         image_shapes=train_builder.image_shapes, settings=loop, step=step,
         checkpointer=checkpointer,
-        hooks=_hooks(context, model, checkpointer), callbacks=callbacks)
+        hooks=_hooks(context, model, checkpointer), callbacks=callbacks,
+        recoveries=nan_recovery.recoveries_done(context.model_dir))
     trainer.build()
     return trainer
 
@@ -399,14 +404,18 @@ def _load_model_weights(model, path, loaded):
 
 def _hooks(context, model, checkpointer):
     """The hang watchdog, then MLPerf epoch events, preemption and checkpoints, in the order
-    `hooks` explains (the watchdog first: a host call counts as done before a save can hang)."""
+    `hooks` explains (the watchdog first: a host call counts as done before a save can hang);
+    last the report of NaN recoveries (the chief's record and console line)."""
     checkpoints = hooks_lib.CheckpointHook(checkpointer, model,
                                            context.settings.checkpoint_every_n_steps)
     return [watchdog.HangWatchdog(context.settings.watchdog_seconds, context.worker_id),
             hooks_lib.MLPerfEpochHook(context.mllog),
             hooks_lib.PreemptionHook(context.strategy, context.num_workers,
                                      save=checkpoints.save),
-            checkpoints]
+            checkpoints,
+            nan_recovery.RecoveryLog(context.model_dir if context.chief else None,
+                                     context.mllog, sys.stdout if context.chief else None,
+                                     context.run_id)]
 
 
 def _train(context, trainer, train_builder):

@@ -47,6 +47,10 @@ class RunSettingsTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, "run.coco_backend: .*faster_coco_eval.* found "
                                     "'fast'"):
             runtime.run_settings(coco_backend="fast")
+        for trials in (-1, 1.5, None):
+            with self.assertRaisesRegex(ValueError, r"run.nan_recovery_trials: expected an "
+                                        rf"integer >= 0 \(0: off\), found {trials!r}"):
+                runtime.run_settings(nan_recovery_trials=trials)
 
     def test_only_the_config_that_evaluates_a_subset_allows_one(self):
         # MLPerf evaluates the entire validation set: the recipe must never allow a subset;
@@ -57,6 +61,12 @@ class RunSettingsTest(tf.test.TestCase):
             gin.clear_config()
             runtime.parse_gin([os.path.join(REPO, "configs", f"{name}.gin")], [])
             self.assertEqual(runtime.run_settings().eval_allow_subset, allowed, name)
+
+    def test_nan_recovery_is_off_by_default_and_in_the_mlperf_recipe(self):
+        self.assertEqual(runtime.run_settings().nan_recovery_trials, 0)
+        runtime.parse_gin([os.path.join(REPO, "configs", "mlperf_r50_fpn.gin")], [])
+        self.assertEqual(runtime.run_settings().nan_recovery_trials, 0)
+        self.assertEqual(runtime.run_settings(nan_recovery_trials=3).nan_recovery_trials, 3)
 
     def test_mirrored_over_zero_gpus_is_the_default_strategy(self):
         strategy = runtime.build_strategy(runtime.run_settings(strategy="mirrored", num_gpus=0))

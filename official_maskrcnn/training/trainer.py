@@ -18,11 +18,26 @@ call at the first step whose loss is not finite and that step's update is not ap
 weights stay those of the last good step), then `NonFiniteLossError` names the step, each loss
 and the learning rate.
 
+Bounded NaN recovery (`LoopSettings.nan_recovery_trials` = K > 0, Model Garden's
+`recovery_max_trials`): instead of ending the run, a non-finite step restores the newest
+readable checkpoint (model, optimizer, step), adds one to the run's recovery count r, tells the
+hooks (`Hook.after_recovery`, with a `Recovery`) and trains on from the restored step's epoch
+and batch on a fresh iterator. The epoch's begin events are not repeated when the restored step
+lies in the same epoch (the usual case: every epoch end is a checkpoint). What a retry changes:
+the model's sampling seed (`sampling_seed`: anchors and ROIs sampled anew); what it replays:
+the same images in the same order with the same flips (the data position is a function of the
+step, so an epoch still sees each image once and a resume stays exact), so a NaN that a batch
+causes whatever the sampling recurs and uses up the trials. A fresh run first saves its
+initial state as checkpoint 0, so that a NaN before the first checkpoint is recoverable too.
+After K recoveries the next non-finite step raises `NonFiniteLossError` saying so. r is the
+run's, not the process's: the caller passes the recoveries of earlier processes
+(`nan_recovery.recoveries_done`), so a resumed run neither resets the bound nor the seed shift.
+
 Position: the global step is the only state; epoch = step // steps_per_epoch and the batch
 inside the epoch = step % steps_per_epoch, so a resumed run asks the dataset for
 (epoch, start_batch) and sees exactly the batches the interrupted run would have seen. The model's
-sampling seed of each step and replica is (seed, step * replicas + replica), also a function of
-the step only.
+sampling seed of each step and replica is (seed + r * SEED_SHIFT, step * replicas + replica), a
+function of the step and the recovery count r only (r = 0 unless a NaN was recovered).
 
 Hooks: the loop itself only runs steps and drives the Keras callbacks; what happens around the
 steps (checkpoints, the MLPerf epoch events, stopping on SIGTERM) is done by `Hook`s passed in
@@ -43,10 +58,61 @@ from official_maskrcnn.training import optimizer as optimizer_lib
 
 ALL_LOSSES = LOSS_NAMES + ("total_loss",)
 
+# Added to the first word of the sampling seed per NaN recovery: a multiple of 2**32 so that a
+# shifted seed never equals the seed of another run (train.py draws seeds below 2**31).
+SEED_SHIFT = 2**32
+
+
+def sampling_seed(seed, recoveries, step, num_replicas, replica_id):
+    """The model's stateless sampling seed of one step and replica, as two int64 words:
+    [seed + recoveries * SEED_SHIFT, step * num_replicas + replica_id] (python ints or int64
+    tensors). With no recovery it is (seed, step * replicas + replica), as before recoveries."""
+    return [seed + recoveries * SEED_SHIFT, step * num_replicas + replica_id]
+
 
 class NonFiniteLossError(FloatingPointError):
     """A step has a NaN / Inf loss or gradient; the message names the step, each loss and the
-    learning rate."""
+    learning rate.
+
+    Attributes:
+      step: the 1-based number of the failing step (None when not known).
+      losses: {name: float} of that step (`ALL_LOSSES` and "gradients_finite", 1.0 or 0.0).
+      learning_rate: the learning rate of that step's update.
+    """
+
+    def __init__(self, message, step=None, losses=None, learning_rate=None):
+        super().__init__(message)
+        self.step = step
+        self.losses = dict(losses or {})
+        self.learning_rate = learning_rate
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+    """One bounded NaN recovery: what failed, what was restored (`Hook.after_recovery`).
+
+    Attributes:
+      trial: the recovery's 1-based number in the run (earlier processes' included); from now
+        on the sampling seed is shifted by `trial` (`sampling_seed`).
+      trials: the bound K (`LoopSettings.nan_recovery_trials`).
+      failed_step: 1-based number of the non-finite step; failed_epoch its 1-based epoch.
+      losses: {name: float} of the failing step (`NonFiniteLossError.losses`).
+      learning_rate: the learning rate of the failing step.
+      checkpoint: the restored checkpoint's path prefix.
+      restored_step: the global step it holds; training goes on at restored_epoch (1-based),
+        batch restored_batch (0-based) of that epoch.
+    """
+
+    trial: int
+    trials: int
+    failed_step: int
+    failed_epoch: int
+    losses: dict
+    learning_rate: float
+    checkpoint: str
+    restored_step: int
+    restored_epoch: int
+    restored_batch: int
 
 
 class Preempted(Exception):
@@ -74,6 +140,8 @@ class LoopSettings:
       steps_per_loop: steps per host call (values below 1 mean 1).
       jit_compile: compile the forward/backward step with XLA.
       seed: python int, the model's sampling seed (mixed with the step).
+      nan_recovery_trials: K, the non-finite steps the run may recover from by restoring the
+        newest checkpoint (module docstring); 0: the first one ends the run.
     """
 
     per_replica_batch_size: int
@@ -83,11 +151,15 @@ class LoopSettings:
     steps_per_loop: int = 10
     jit_compile: bool = True
     seed: int = 0
+    nan_recovery_trials: int = 0
 
     def __post_init__(self):
         if self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, found {self.steps_per_epoch} "
                              "(fewer training images than one global batch?)")
+        if self.nan_recovery_trials < 0:
+            raise ValueError(f"nan_recovery_trials must be >= 0 (0: off), found "
+                             f"{self.nan_recovery_trials}")
 
     @property
     def total_steps(self):
@@ -120,6 +192,9 @@ class Hook:
       after_host_call  after callbacks.on_train_batch_end, before `model.stop_training` is read
       after_epoch      before callbacks.on_epoch_end; also when stop_training ended the epoch
                        early (then step < epoch_end)
+      after_recovery   after a non-finite step was undone by restoring a checkpoint (bounded
+                       NaN recovery), before training goes on; `recovery` is a `Recovery`.
+                       The failing host call had no after_host_call.
       after_train      last, also when `train` raises (only hooks whose before_train ran)
     A hook may raise to end training (`PreemptionHook` raises `Preempted`).
     """
@@ -134,6 +209,9 @@ class Hook:
         pass
 
     def after_epoch(self, epoch, step, epoch_end):
+        pass
+
+    def after_recovery(self, recovery):
         pass
 
     def after_train(self):
@@ -153,14 +231,23 @@ class Trainer:
       settings: `LoopSettings` (batch size, steps, compilation, seed).
       step: the global step variable (`create_step_variable`); None: a new one. Give the one
         the checkpointer saves, so that restoring it sets the loop's position.
-      checkpointer: optional `checkpointing.Checkpointer`, only read: `NonFiniteLossError` names
-        its newest checkpoint. When to save is the hooks' business (`hooks.CheckpointHook`).
+      checkpointer: optional `checkpointing.Checkpointer` of (model, optimizer, step):
+        `NonFiniteLossError` names its newest checkpoint. When to save is the hooks' business
+        (`hooks.CheckpointHook`), except with `nan_recovery_trials` > 0, which needs it: a NaN
+        restores its newest checkpoint, and a fresh run saves checkpoint 0 first.
       hooks: `Hook`s (see there for when each method runs), called in this order.
       callbacks: tf_keras callbacks, driven through a `CallbackList`.
+      recoveries: NaN recoveries the run used in earlier processes (a resumed run), counted
+        against `nan_recovery_trials` and shifting the sampling seed.
+    Attributes:
+      recoveries: int64 variable, the run's recovery count r (not saved in checkpoints: a
+        restore must not undo it; the caller persists it, `nan_recovery`).
     """
 
     def __init__(self, strategy, model, optimizer, train_data, image_shapes, settings, *,
-                 step=None, checkpointer=None, hooks=(), callbacks=()):
+                 step=None, checkpointer=None, hooks=(), callbacks=(), recoveries=0):
+        if settings.nan_recovery_trials and checkpointer is None:
+            raise ValueError("nan_recovery_trials > 0 needs a checkpointer to restore from")
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
@@ -177,6 +264,10 @@ class Trainer:
         self.portrait_shape = [self.batch_size, hp, wp, 3]
         self.loss_scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
         self.step = create_step_variable(strategy) if step is None else step
+        with strategy.scope():
+            self.recoveries = tf.Variable(recoveries, dtype=tf.int64, trainable=False,
+                                          name="nan_recoveries",
+                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.checkpointer = checkpointer
         self.hooks = list(hooks)
         self.callbacks = tf_keras.callbacks.CallbackList(list(callbacks), model=model)
@@ -211,11 +302,11 @@ class Trainer:
             tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
         return losses, grads
 
-    def _replica_step(self, inputs, step):
+    def _replica_step(self, inputs, step, recoveries):
         context = tf.distribute.get_replica_context()
-        seed = tf.stack([tf.constant(self.seed, tf.int64),
-                         step * self.strategy.num_replicas_in_sync
-                         + tf.cast(context.replica_id_in_sync_group, tf.int64)])
+        seed = tf.stack(sampling_seed(tf.constant(self.seed, tf.int64), recoveries, step,
+                                      self.strategy.num_replicas_in_sync,
+                                      tf.cast(context.replica_id_in_sync_group, tf.int64)))
         images = inputs["images"]
         portrait = tf.shape(images)[1] > tf.shape(images)[2]
         return tf.cond(
@@ -242,8 +333,9 @@ class Trainer:
         done = tf.constant(0, tf.int64)
         finite = tf.constant(True)
         for _ in tf.range(num_steps):
-            losses, grads = self.strategy.run(self._replica_step,
-                                              args=(next(iterator), self.step.read_value()))
+            losses, grads = self.strategy.run(
+                self._replica_step,
+                args=(next(iterator), self.step.read_value(), self.recoveries.read_value()))
             last = {key: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
                     for key, value in losses.items()}
             done += 1
@@ -276,19 +368,23 @@ class Trainer:
         if finite:
             return
         failing = int(step_after) + 1  # 1-based number of the step that failed
-        values = ", ".join(f"{key}={float(last[key]):.6g}" for key in ALL_LOSSES)
-        gradients = "finite" if float(last["gradients_finite"]) == 1.0 else "NOT finite"
+        losses = {key: float(last[key]) for key in ALL_LOSSES + ("gradients_finite",)}
+        values = ", ".join(f"{key}={losses[key]:.6g}" for key in ALL_LOSSES)
+        gradients = "finite" if losses["gradients_finite"] == 1.0 else "NOT finite"
+        learning_rate = self.learning_rate()
         raise NonFiniteLossError(
             f"non-finite step {failing} (epoch {(failing - 1) // self.steps_per_epoch + 1}"
-            f"): {values}; gradients {gradients}; learning_rate={self.learning_rate():.6g}. "
+            f"): {values}; gradients {gradients}; learning_rate={learning_rate:.6g}. "
             f"The step's update was not applied and no checkpoint was written after it; the "
-            f"newest checkpoint is {self.checkpointer.latest if self.checkpointer else None}.")
+            f"newest checkpoint is {self.checkpointer.latest if self.checkpointer else None}.",
+            step=failing, losses=losses, learning_rate=learning_rate)
 
     def train(self):
         """Trains from the restored position to `total_steps`; returns the final logs dict.
 
         Raises:
-          NonFiniteLossError: a step's loss or gradients were not finite (it was not applied).
+          NonFiniteLossError: a step's loss or gradients were not finite (it was not applied)
+            and no NaN recovery is left (`LoopSettings.nan_recovery_trials`).
           whatever a hook raises to end training, e.g. `Preempted`.
         """
         started = []
@@ -309,22 +405,81 @@ class Trainer:
         if step:
             logging.info("resuming at step %d (epoch %d, batch %d)", step,
                          step // self.steps_per_epoch + 1, step % self.steps_per_epoch)
+        recoveries = int(self.recoveries.numpy())
+        if recoveries:
+            logging.info("%d NaN recovery(ies) of %d used by this run so far; sampling seeds "
+                         "shifted by %d", recoveries, self.settings.nan_recovery_trials,
+                         recoveries)
+        if self.settings.nan_recovery_trials and step == 0:
+            # Before the first epoch-end checkpoint, a NaN needs a state to go back to: the
+            # initial one (every worker saves: the save reads variables collectively).
+            self.checkpointer.save(0, self.model.variables)
+        open_epoch = None  # the epoch whose begin events ran and whose end events did not
         while step < self.total_steps and not self.model.stop_training:
             epoch = step // self.steps_per_epoch
             epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
-            for hook in self.hooks:
-                hook.before_epoch(epoch, step)
-            self.callbacks.on_epoch_begin(epoch)
-            iterator = iter(self.train_data(epoch, step - epoch * self.steps_per_epoch))
-            while step < epoch_end:
-                step, logs = self._host_call(iterator, epoch, step, epoch_end)
-                if self.model.stop_training:
-                    break
+            if epoch != open_epoch:  # not again when a recovery restarts inside the epoch
+                for hook in self.hooks:
+                    hook.before_epoch(epoch, step)
+                self.callbacks.on_epoch_begin(epoch)
+                open_epoch = epoch
+            try:
+                step, logs = self._run_epoch(epoch, step, epoch_end, logs)
+            except NonFiniteLossError as error:
+                if not self.settings.nan_recovery_trials:
+                    raise
+                step = self._recover(error)
+                continue
             for hook in self.hooks:
                 hook.after_epoch(epoch, step, epoch_end)
             self.callbacks.on_epoch_end(epoch, logs)
+            open_epoch = None
         self.callbacks.on_train_end(logs)
         return logs
+
+    def _run_epoch(self, epoch, step, epoch_end, logs):
+        """The host calls of `epoch` from global step `step` until `epoch_end` or
+        stop_training, on an iterator that starts at that step's batch; returns (step, logs)."""
+        iterator = iter(self.train_data(epoch, step - epoch * self.steps_per_epoch))
+        while step < epoch_end:
+            step, logs = self._host_call(iterator, epoch, step, epoch_end)
+            if self.model.stop_training:
+                break
+        return step, logs
+
+    def _recover(self, error):
+        """Undoes the non-finite step of `error` by restoring the newest readable checkpoint
+        (model, optimizer, step), counts the recovery (which shifts the sampling seed) and
+        tells the hooks; returns the restored global step.
+
+        Raises:
+          NonFiniteLossError: the run's `nan_recovery_trials` recoveries are used up, or there
+            is no checkpoint to restore; chained to `error`.
+          checkpointing.CheckpointError: no checkpoint can be read.
+        """
+        trials = self.settings.nan_recovery_trials
+        used = int(self.recoveries.numpy())
+        if used >= trials:
+            raise NonFiniteLossError(
+                f"{error} No NaN recovery left: the run used {used} of {trials} "
+                f"(run.nan_recovery_trials = {trials}).", step=error.step,
+                losses=error.losses, learning_rate=error.learning_rate) from error
+        checkpoint = self.checkpointer.restore()
+        if checkpoint is None:
+            raise NonFiniteLossError(f"{error} No checkpoint to recover from.", step=error.step,
+                                     losses=error.losses,
+                                     learning_rate=error.learning_rate) from error
+        self.recoveries.assign(used + 1)
+        restored = int(self.step.numpy())
+        recovery = Recovery(
+            trial=used + 1, trials=trials, failed_step=error.step,
+            failed_epoch=(error.step - 1) // self.steps_per_epoch + 1, losses=error.losses,
+            learning_rate=error.learning_rate, checkpoint=checkpoint, restored_step=restored,
+            restored_epoch=restored // self.steps_per_epoch + 1,
+            restored_batch=restored % self.steps_per_epoch)
+        for hook in self.hooks:
+            hook.after_recovery(recovery)
+        return restored
 
     def _host_call(self, iterator, epoch, step, epoch_end):
         """Runs the steps of one host call (up to `steps_per_loop`, never past `epoch_end`),

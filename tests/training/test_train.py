@@ -27,12 +27,14 @@ from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from official_maskrcnn.training import checkpointing, mlperf_compliance, model_dir_lock
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
+from official_maskrcnn.training.nan_recovery import read_records
 from tests import synthetic_records
 from tests.data import damaged_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(REPO, "configs", "smoke_cpu.gin")
 NO_EVAL = "run.eval_annotations_file = None"  # faster, where the test is not about evaluation
+EVAL_KEYS = {"eval_start", "eval_stop", "eval_accuracy"}  # what a NO_EVAL log lacks
 
 # What TensorFlow prints that the entries keep off the console by default
 # (tfrecord_tools/quiet_tensorflow.py): the cuInit failure on a machine without a GPU driver,
@@ -130,6 +132,22 @@ class SigtermAt(tf_keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if logs["step"] == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class PoisonWeightsAt(tf_keras.callbacks.Callback):
+    """Fills the first trainable variable with NaN when `step` steps are done, once: the next
+    step is non-finite, as after a fault in the weights (not in the data)."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+        self.done = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs["step"] == self.step and not self.done:
+            self.done = True
+            variable = self.model.trainable_variables[0]
+            variable.assign(tf.fill(variable.shape, float("nan")))
 
 
 class TrainEntryTest(tf.test.TestCase):
@@ -271,6 +289,30 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertIn("resumed from", out)
         self.assertIn("(step 6)", out)
         self.assertEqual(fingerprint(out), uninterrupted)
+
+    def test_a_nan_step_before_the_first_checkpoint_is_recovered_and_the_run_completes(self):
+        # Weights poisoned after step 4: step 5 fails; the only checkpoint is the initial one.
+        model_dir = os.path.join(self.create_tempdir().full_path, "model")
+        logs, out = self.run_smoke(model_dir, NO_EVAL, "run.nan_recovery_trials = 2",
+                                   extra_callbacks=[PoisonWeightsAt(4)])
+        self.assertEqual(logs["step"], 16)
+        self.assertIn("nan recovery 1 of 2: step 5 (epoch 1) was not finite", out)
+        self.assertIn(f"restored {model_dir}/ckpt-0 (step 0), training again from epoch 1, "
+                      f"batch 0 with the sampling seed shifted by 1", out)
+        self.assertEqual(fingerprint(out)[0][0], "16")
+        records = read_records(model_dir)
+        self.assertEqual([(r["failed_step"], r["restored_step"]) for r in records], [(5, 0)])
+        events = mlperf_events(model_dir)
+        self.assertEqual(records[0]["run_id"], events[0]["metadata"]["run_id"])
+        notes = [e for e in events if e["key"] == "nan_recovery"]
+        self.assertEqual([n["value"] for n in notes], [
+            {"failed_step": 5, "restored_step": 0, "trial": 1, "trials": 2}])
+        self.assertEqual([e["metadata"]["epoch_num"] for e in events
+                          if e["key"] == "epoch_start"], [1, 2])  # epoch 1 not restarted
+        # The note leaves the checker's verdict alone: only the evaluation keys are missing.
+        result = mlperf_compliance.check_compliance(os.path.join(model_dir, "mlperf.log"))
+        self.assertEqual(result.failures_excluding(EVAL_KEYS), [])
+        self.assertNotIn("nan_recovery", result.failed_keys)
 
     def test_a_run_killed_in_its_last_evaluation_redoes_it_on_resume(self):
         root = self.create_tempdir().full_path

@@ -63,6 +63,11 @@ class LoopSettingsTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, "steps_per_epoch must be >= 1, found 0"):
             trainer_lib.LoopSettings(per_replica_batch_size=1, steps_per_epoch=0, num_epochs=1)
 
+    def test_negative_nan_recovery_trials_are_a_clear_error(self):
+        with self.assertRaisesRegex(ValueError, "nan_recovery_trials must be >= 0 .*found -1"):
+            trainer_lib.LoopSettings(per_replica_batch_size=1, steps_per_epoch=1, num_epochs=1,
+                                     nan_recovery_trials=-1)
+
     def test_the_step_variable_starts_at_zero_and_is_int64(self):
         step = trainer_lib.create_step_variable(tf.distribute.get_strategy())
         self.assertEqual((int(step.numpy()), step.dtype, step.trainable), (0, tf.int64, False))
@@ -85,9 +90,10 @@ class TrainerTestBase(tf.test.TestCase):
         return model, optimizer
 
     def trainer(self, strategy, model, optimizer, feed, steps_per_epoch=2, num_epochs=2,
-                steps_per_loop=10, trainer_class=trainer_lib.Trainer, **kwargs):
+                steps_per_loop=10, trainer_class=trainer_lib.Trainer, nan_recovery_trials=0,
+                **kwargs):
         """A Trainer whose epoch e, batch k is `feed(e, k)` (a dict of numpy arrays); `kwargs`
-        go to the Trainer (step, checkpointer, hooks, callbacks)."""
+        go to the Trainer (step, checkpointer, hooks, callbacks, ...)."""
         def train_data(epoch, start_batch):
             batches = [feed(epoch, k) for k in range(start_batch, steps_per_epoch)]
             dataset = tf.data.Dataset.from_tensor_slices(
@@ -98,7 +104,8 @@ class TrainerTestBase(tf.test.TestCase):
         settings = trainer_lib.LoopSettings(
             per_replica_batch_size=2 // strategy.num_replicas_in_sync,
             steps_per_epoch=steps_per_epoch, num_epochs=num_epochs,
-            steps_per_loop=steps_per_loop, jit_compile=False, seed=7)
+            steps_per_loop=steps_per_loop, jit_compile=False, seed=7,
+            nan_recovery_trials=nan_recovery_trials)
         trainer = trainer_class(strategy, model, optimizer, train_data,
                                 image_shapes=((SIZE, SIZE), (SIZE, SIZE)), settings=settings,
                                 **kwargs)
