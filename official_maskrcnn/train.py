@@ -4,7 +4,12 @@ Writes into the model dir: `operative_config.gin` (every setting the run used), 
 (the MLPerf compliance log; every line carries the run's id as `metadata.run_id`),
 `metrics.jsonl` (one line per evaluation, with the run id too), checkpoints `ckpt-<step>.*` (at
 epoch ends and every N steps), `best/` (the checkpoint of the best evaluation, with its metrics;
-`training/best_checkpoint.py`) and TensorBoard events under `train/`.
+`training/best_checkpoint.py`) and TensorBoard events: under `train/` the losses, learning rate,
+images/s, the loss scale (mixed_float16) and memory (each GPU's allocator, or the process's RSS)
+of every host call (`training/callbacks.py`); under `eval/` the 24 COCO stats of each evaluation
+(`eval/bbox/AP` ...) and `run.summary_images` val images with its detections drawn
+(`eval/images/<source id>`), at the step of the evaluated checkpoint
+(`evaluation/eval_summaries.py`). Only the chief (worker 0) writes them.
 Running the same command again resumes from the newest readable checkpoint, at the exact batch
 where the run stopped; checkpoints are found by their files too, so a missing or stale
 `checkpoint` state file never restarts a run from step 0 over its checkpoints. An evaluation a
@@ -251,7 +256,8 @@ def _eval_callback(context, model):
     return runtime.build_eval_callback(
         context.strategy, model, context.settings, context.mllog,
         context.metrics_path if context.chief else None,
-        stream=sys.stdout if context.chief else None, run_id=context.run_id, best=best)
+        stream=sys.stdout if context.chief else None, run_id=context.run_id, best=best,
+        summary_dir=os.path.join(context.model_dir, "eval") if context.chief else None)
 
 
 def _check_inputs(context, model, train_builder, eval_callback):
