@@ -55,7 +55,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import tensorflow as tf
 from absl import app, flags
 from PIL import Image
@@ -79,12 +78,9 @@ IMAGES_FILE = "images.json"
 
 def draw(image, detections, class_names):
     """The picture: the highest-scoring detection drawn last (on top), colours by rank."""
-    order = np.arange(len(detections["scores"]))[::-1]
-    labels = [visualization.format_label(class_names.get(int(label), f"class {label}"), score)
-              for label, score in zip(detections["labels"], detections["scores"])]
-    return visualization.draw_detections(
-        image, detections["boxes_xyxy"][order], detections["masks"][order],
-        [labels[t] for t in order], [visualization.color_for(t) for t in order])
+    return visualization.draw_scored_detections(
+        image, detections["boxes_xyxy"], detections["masks"], detections["labels"],
+        detections["scores"], class_names)
 
 
 def write_png(path, image):

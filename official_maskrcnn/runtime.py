@@ -18,8 +18,9 @@ import tf_keras
 from absl import flags
 
 from official_maskrcnn.data import dataset_builder, label_maps
-from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics
+from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics, eval_summaries
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
+from official_maskrcnn.evaluation import summary_images
 from official_maskrcnn.modeling import factory
 from official_maskrcnn.modeling.backbones.checkpoint import BackboneWeightsError
 from official_maskrcnn.training import best_checkpoint, checkpointing, distribution
@@ -81,6 +82,8 @@ class RunSettings:
       coco_backend: the COCOeval implementation, "pycocotools" (the reference's) or
         "faster_coco_eval" (the same metrics, C++; `evaluation.coco_metrics`).
       box_target, mask_target: stop when both APs reach them (MLPerf: 0.377, 0.339).
+      summary_images: the first N eval records, with each evaluation's detections drawn, go
+        to TensorBoard (MODEL_DIR/eval, `evaluation.eval_summaries`); 0: none.
       watchdog_seconds: end the run (exit code 124, every thread's stack on stderr) when no
         host call completes for this long (`training.watchdog`); 0: no watchdog.
       nan_recovery_trials: K, the non-finite steps the run may recover from by restoring its
@@ -114,6 +117,7 @@ class RunSettings:
     coco_backend: str = "pycocotools"
     box_target: float = coco_eval_callback.BOX_TARGET
     mask_target: float = coco_eval_callback.MASK_TARGET
+    summary_images: int = 3
     watchdog_seconds: float = 1800
     nan_recovery_trials: int = 0
 
@@ -127,6 +131,10 @@ class RunSettings:
         if self.strategy not in distribution.STRATEGIES:
             raise ValueError(f"run.strategy: expected one of {distribution.STRATEGIES}, found "
                              f"{self.strategy!r}")
+        if (isinstance(self.summary_images, bool) or not isinstance(self.summary_images, int)
+                or self.summary_images < 0):
+            raise ValueError(f"run.summary_images: expected an integer >= 0 (0: no images), "
+                             f"found {self.summary_images!r}")
         if self.watchdog_seconds is None or self.watchdog_seconds < 0:
             raise ValueError(f"run.watchdog_seconds: expected a number >= 0 (0: off), found "
                              f"{self.watchdog_seconds!r}")
@@ -332,14 +340,25 @@ def build_eval_dataset(batch_size):
 
 
 def build_eval_callback(strategy, model, settings, mllog, metrics_path, stream, run_id=None,
-                        best=None):
+                        best=None, summary_dir=None):
     """The per-epoch COCO evaluation of `settings` (its eval_* fields and targets); `run_id`
-    goes into each `metrics.jsonl` line; `best` keeps the best checkpoint (`COCOEvalCallback`)."""
+    goes into each `metrics.jsonl` line; `best` keeps the best checkpoint; `summary_dir` (None:
+    no TensorBoard) receives the stats and `settings.summary_images` drawn val images
+    (`COCOEvalCallback`, `eval_summaries`)."""
+    evaluator = evaluator_lib.Evaluator(strategy, model,
+                                        build_eval_dataset(settings.eval_global_batch_size))
+    postprocessor = evaluator_lib.PostProcessor(settings.eval_annotations_file,
+                                                settings.eval_processes, settings.coco_backend)
+    summaries = None
+    if summary_dir:
+        images = None
+        if settings.summary_images:
+            images = summary_images.SummaryImages(evaluator.builder.files,
+                                                  settings.summary_images,
+                                                  postprocessor.class_names)
+        summaries = eval_summaries.EvalSummaries(summary_dir, images)
     return coco_eval_callback.COCOEvalCallback(
-        evaluator_lib.Evaluator(strategy, model,
-                                build_eval_dataset(settings.eval_global_batch_size)),
-        evaluator_lib.PostProcessor(settings.eval_annotations_file, settings.eval_processes,
-                                    settings.coco_backend),
-        mlperf=mllog, metrics_path=metrics_path, interval=settings.eval_interval,
-        box_target=settings.box_target, mask_target=settings.mask_target,
-        asynchronous=settings.eval_async, stream=stream, run_id=run_id, best=best)
+        evaluator, postprocessor, mlperf=mllog, metrics_path=metrics_path,
+        interval=settings.eval_interval, box_target=settings.box_target,
+        mask_target=settings.mask_target, asynchronous=settings.eval_async, stream=stream,
+        run_id=run_id, best=best, summaries=summaries)

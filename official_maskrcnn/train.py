@@ -1,12 +1,18 @@
 r"""Trains Mask R-CNN: `python -m official_maskrcnn.train --gin_file F [...] --model_dir M`.
 
-Writes into the model dir: `operative_config.gin` (every setting the run used), `mlperf.log`
+Writes into the model dir: `operative_config.gin` (every setting the run used),
+`label_map.json` (the classes of the records' manifest, `data/label_maps.py`), `mlperf.log`
 (the MLPerf compliance log; every line carries the run's id as `metadata.run_id`),
 `metrics.jsonl` (one line per evaluation, with the run id too), checkpoints `ckpt-<step>.*` (at
 epoch ends and every N steps), `best/` (the checkpoint of the best evaluation, with its metrics;
-`training/best_checkpoint.py`), TensorBoard events under `train/` and, with
-`run.nan_recovery_trials` > 0, `nan_recoveries.jsonl` (one line per recovered non-finite step;
-`training/nan_recovery.py`).
+`training/best_checkpoint.py`) and TensorBoard events: under `train/` the losses, learning rate,
+images/s, the loss scale (mixed_float16) and memory (each GPU's allocator, or the process's RSS)
+of every host call (`training/callbacks.py`); under `eval/` the 24 COCO stats of each evaluation
+(`eval/bbox/AP` ...) and `run.summary_images` val images with its detections drawn
+(`eval/images/<source id>`), at the step of the evaluated checkpoint
+(`evaluation/eval_summaries.py`); only the chief (worker 0) writes them. With
+`run.nan_recovery_trials` > 0 also `nan_recoveries.jsonl` (one line per recovered non-finite
+step; `training/nan_recovery.py`).
 Running the same command again resumes from the newest readable checkpoint, at the exact batch
 where the run stopped; checkpoints are found by their files too, so a missing or stale
 `checkpoint` state file never restarts a run from step 0 over its checkpoints. An evaluation a
@@ -300,7 +306,8 @@ def _eval_callback(context, model):
     return runtime.build_eval_callback(
         context.strategy, model, context.settings, context.mllog,
         context.metrics_path if context.chief else None,
-        stream=sys.stdout if context.chief else None, run_id=context.run_id, best=best)
+        stream=sys.stdout if context.chief else None, run_id=context.run_id, best=best,
+        summary_dir=os.path.join(context.model_dir, "eval") if context.chief else None)
 
 
 def _check_inputs(context, model, train_builder, eval_callback):

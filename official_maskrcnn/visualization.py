@@ -134,3 +134,27 @@ def draw_detections(image, boxes_xyxy, masks, labels=None, colors=None, alpha=DE
         if label:
             _draw_label(draw, label, x1, y1, color, font, (width, height))
     return np.asarray(canvas).copy()
+
+
+def draw_scored_detections(image, boxes_xyxy, masks, labels, scores, class_names):
+    """The picture of a model's detections (`predict`, the TensorBoard eval images): each drawn
+    with its mask, box and "name score", colours by rank (the best detection gets
+    `color_for(0)`) and the best drawn last, on top.
+
+    Args:
+      image: [H, W, 3] uint8 RGB (not modified).
+      boxes_xyxy: [T, 4] [x1, y1, x2, y2] inclusive pixels of `image`, by decreasing score
+        (the model's order).
+      masks: [T, H, W] bool or 0/1 integers.
+      labels: [T] int model labels (1..K-1).
+      scores: [T] float.
+      class_names: {label: name}; a label without one is drawn as "class <label>".
+    Returns:
+      [H, W, 3] uint8, a new array.
+    """
+    order = np.arange(len(scores))[::-1]
+    texts = [format_label(class_names.get(int(label), f"class {label}"), score)
+             for label, score in zip(labels, scores)]
+    return draw_detections(image, np.asarray(boxes_xyxy).reshape(-1, 4)[order],
+                           np.asarray(masks)[order], [texts[t] for t in order],
+                           [color_for(t) for t in order])

@@ -51,6 +51,11 @@ class RunSettingsTest(tf.test.TestCase):
             with self.assertRaisesRegex(ValueError, r"run.nan_recovery_trials: expected an "
                                         rf"integer >= 0 \(0: off\), found {trials!r}"):
                 runtime.run_settings(nan_recovery_trials=trials)
+        for bad in (-1, 1.5, True, None):
+            with self.assertRaisesRegex(ValueError, r"run.summary_images: expected an integer "
+                                        rf">= 0 \(0: no images\), found {bad!r}"):
+                runtime.run_settings(summary_images=bad)
+        self.assertEqual(runtime.run_settings(summary_images=0).summary_images, 0)
 
     def test_only_the_config_that_evaluates_a_subset_allows_one(self):
         # MLPerf evaluates the entire validation set: the recipe must never allow a subset;

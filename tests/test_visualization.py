@@ -135,6 +135,19 @@ class DrawDetectionsTest(unittest.TestCase):
         boxes_only = visualization.draw_detections(gray_image(), self.boxes, None, line_width=1)
         np.testing.assert_array_equal(boxes_only[25, 25], GRAY)
 
+    def test_scored_detections_are_coloured_by_rank_with_the_best_on_top(self):
+        # Both masks cover the same square: the best detection (slot 0) is blended last.
+        masks = np.stack([rectangle_mask(20, 30, 20, 30)] * 2)
+        boxes = np.array([[5, 5, 60, 60], [20, 20, 30, 30]], np.float32)
+        drawn = visualization.draw_scored_detections(gray_image(), boxes, masks, [2, 7],
+                                                     [0.9, 0.6], {2: "ellipse"})
+        expected = visualization.draw_detections(
+            gray_image(), boxes[::-1], masks[::-1], ["class 7 0.60", "ellipse 0.90"],
+            [visualization.color_for(1), visualization.color_for(0)])
+        np.testing.assert_array_equal(drawn, expected)
+        np.testing.assert_array_equal(drawn[5, 5], visualization.color_for(0))
+        np.testing.assert_array_equal(drawn[20, 20], visualization.color_for(1))
+
     def test_bad_shapes_are_clear_errors(self):
         with self.assertRaisesRegex(ValueError, r"masks should be \[T, H, W\]"):
             visualization.draw_detections(gray_image(), self.boxes, self.masks[:, :10])

@@ -9,7 +9,9 @@ next step boundary after a result that meets both targets, and pending evaluatio
 the end of training. Either way evaluation time stays on the MLPerf clock.
 
 Outputs: `eval_start` / `eval_accuracy` {"BBOX", "SEGM"} / `eval_stop` (metadata epoch_num) in the
-MLPerf log, and one JSON line per evaluation in `metrics.jsonl`, with the run's id.
+MLPerf log, one JSON line per evaluation in `metrics.jsonl`, with the run's id, and, given
+`summaries`, the stats and a few drawn val images as TensorBoard events at the step of the
+evaluated checkpoint (`eval_summaries`).
 
 An epoch's evaluation is part of the epoch, but the epoch-end checkpoint is written before it
 (and, async, training goes on while it runs): a run killed in between resumes after that epoch.
@@ -21,6 +23,7 @@ an uninterrupted run would. A line is appended whole; a line torn by a kill is s
 """
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import time
@@ -32,6 +35,18 @@ from official_maskrcnn.evaluation import coco_metrics
 
 BOX_TARGET = 0.377
 MASK_TARGET = 0.339
+
+
+@dataclasses.dataclass
+class _Pending:
+    """An evaluation whose inference is done and whose result is not logged yet."""
+    epoch_num: int
+    future: concurrent.futures.Future  # of (metrics, results)
+    started: float  # time.perf_counter() at its start
+    inference_seconds: float
+    reservation: object  # best.reserve's, None without `best`
+    evaluated_step: int  # the step of the checkpoint holding the evaluated weights
+    pictures: dict  # summaries.draw's, None without `summaries`
 
 
 class COCOEvalCallback(tf_keras.callbacks.Callback):
@@ -51,6 +66,9 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
       best: optional keeper of the best checkpoint (`training.best_checkpoint.BestCheckpoint`):
         `best.reserve(step)` when an evaluation of the weights of checkpoint `step` starts,
         `best.offer(reservation, epoch_num, metrics)` when its result is logged.
+      summaries: optional `eval_summaries.EvalSummaries`: `draw(outputs)` when the inference
+        is done, `write(step, metrics, pictures)` when the result is logged, `step` that of
+        the evaluated checkpoint.
     Attributes:
       history: [(epoch_num, metrics)] in the order the results arrived.
       earlier: {epoch_num: metrics} logged by earlier runs in this model dir
@@ -60,7 +78,7 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
 
     def __init__(self, evaluator, postprocessor, mlperf=None, metrics_path=None, interval=1,
                  box_target=BOX_TARGET, mask_target=MASK_TARGET, asynchronous=False,
-                 stream=None, run_id=None, best=None):
+                 stream=None, run_id=None, best=None, summaries=None):
         super().__init__()
         if interval < 1:
             raise ValueError(f"eval interval must be >= 1, found {interval}")
@@ -75,9 +93,10 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
         self.stream = stream
         self.run_id = run_id
         self.best = best
+        self.summaries = summaries
         self.history = []
         self.earlier = {}
-        self._pending = []  # (epoch_num, future, started, inference seconds, reservation)
+        self._pending = []  # _Pending, oldest first
         self._stall = {}  # epoch_num -> seconds training waited at that epoch's end
         self._step = 0
 
@@ -117,6 +136,8 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._collect(wait=True)
+        if self.summaries is not None:
+            self.summaries.close()
 
     # --------------------------------------------------------------- the work
 
@@ -132,34 +153,37 @@ class COCOEvalCallback(tf_keras.callbacks.Callback):
         """
         if step is not None:
             self._step = step
-        reservation = None
-        if self.best is not None:
-            reservation = self.best.reserve(
-                self._step if checkpoint_step is None else checkpoint_step)
+        evaluated_step = int(self._step if checkpoint_step is None else checkpoint_step)
+        reservation = self.best.reserve(evaluated_step) if self.best is not None else None
         started = time.perf_counter()
         if self.mlperf:
             self.mlperf.eval_start(epoch_num)
         outputs = self.evaluator.predict()
         future = self.postprocessor.submit(outputs)
         inference_seconds = time.perf_counter() - started
+        pictures = self.summaries.draw(outputs) if self.summaries is not None else None
         if not self.asynchronous:
             concurrent.futures.wait([future])
         # Training waits this long here: inference, plus post-processing when synchronous.
         self._stall[epoch_num] = time.perf_counter() - started
-        self._pending.append((epoch_num, future, started, inference_seconds, reservation))
+        self._pending.append(_Pending(epoch_num, future, started, inference_seconds,
+                                      reservation, evaluated_step, pictures))
         self._collect(wait=not self.asynchronous)
 
     def _collect(self, wait):
         """Logs every finished evaluation (all of them when `wait`), in epoch order."""
         while self._pending:
-            epoch_num, future, started, inference_seconds, reservation = self._pending[0]
-            if not wait and not future.done():
+            pending = self._pending[0]
+            if not wait and not pending.future.done():
                 return
             self._pending.pop(0)
-            metrics, _ = future.result()
-            self._finish(epoch_num, metrics, time.perf_counter() - started, inference_seconds)
+            metrics, _ = pending.future.result()
+            self._finish(pending.epoch_num, metrics, time.perf_counter() - pending.started,
+                         pending.inference_seconds)
+            if self.summaries is not None:
+                self.summaries.write(pending.evaluated_step, metrics, pending.pictures)
             if self.best is not None:
-                self.best.offer(reservation, epoch_num, metrics)
+                self.best.offer(pending.reservation, pending.epoch_num, metrics)
 
     def _finish(self, epoch_num, metrics, seconds, inference_seconds):
         box, mask = metrics["bbox"]["AP"], metrics["segm"]["AP"]

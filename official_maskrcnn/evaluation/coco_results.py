@@ -47,6 +47,18 @@ def label_to_category_id(categories):
     return {entry.label: entry.coco_id for entry in entries}
 
 
+def label_to_name(categories):
+    """Contiguous model label -> category name (`label_to_category_id`'s labels).
+
+    Args:
+      categories: the `categories` list of the COCO JSON (dicts with 'id' and 'name').
+    Returns:
+      dict {label (1..K): name}.
+    """
+    return {entry.label: entry.name
+            for entry in coco_index.build_label_map(categories, "categories")}
+
+
 def original_boxes_xyxy(boxes_yxyx, scale):
     """Detection boxes of the network input -> [x1, y1, x2, y2] pixels of the original image.
 

@@ -170,8 +170,9 @@ class PostProcessor:
         self.annotations_file = annotations_file
         self.backend = backend
         ground_truth = coco_metrics.load_ground_truth(annotations_file, backend)
-        self.label_to_category = coco_results.label_to_category_id(
-            ground_truth.loadCats(ground_truth.getCatIds()))
+        categories = ground_truth.loadCats(ground_truth.getCatIds())
+        self.label_to_category = coco_results.label_to_category_id(categories)
+        self.class_names = coco_results.label_to_name(categories)  # for pictures
         self._converter = coco_results.ResultConverter(num_processes)
         self._background = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 

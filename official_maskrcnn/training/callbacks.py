@@ -3,7 +3,8 @@
 The loop (`trainer.Trainer`) calls `on_train_batch_end` once per host call, i.e. every
 `steps_per_loop` steps, with `logs` holding: step (global steps done), epoch (1-based), the five
 losses and total_loss (means over the steps of that call), learning_rate (after the last step),
-steps (steps in that call), seconds (wall time of that call) and images_per_second.
+steps (steps in that call), seconds (wall time of that call), images_per_second and, under
+mixed_float16 only, loss_scale (the dynamic loss scale after the last step).
 """
 
 import sys
@@ -13,9 +14,12 @@ import tensorflow as tf
 import tf_keras
 
 from official_maskrcnn.modeling.maskrcnn_model import LOSS_NAMES
+from official_maskrcnn.training import memory
 from tfrecord_tools.progress import format_seconds
 
 LOSS_KEYS = ("total_loss",) + LOSS_NAMES  # in the order the progress line prints them
+# The logs' entries ScalarSummaries writes (under these names), when present.
+SCALAR_KEYS = LOSS_KEYS + ("learning_rate", "images_per_second", "loss_scale")
 
 
 class ProgressLogger(tf_keras.callbacks.Callback):
@@ -66,7 +70,9 @@ class ProgressLogger(tf_keras.callbacks.Callback):
 
 
 class ScalarSummaries(tf_keras.callbacks.Callback):
-    """TensorBoard scalars (losses, learning rate, images/s) at each host call, by global step.
+    """TensorBoard scalars at each host call, by global step: the losses, learning_rate,
+    images_per_second, loss_scale (when the logs have it) and this process's memory
+    (`memory.memory_usage`: each GPU's allocator bytes, or the host RSS without a GPU).
 
     Args:
       log_dir: the event files' folder (e.g. MODEL_DIR/train).
@@ -84,9 +90,11 @@ class ScalarSummaries(tf_keras.callbacks.Callback):
         logs = logs or {}
         step = int(logs.get("step", batch + 1))
         with self._writer.as_default(step=step):
-            for key in LOSS_KEYS + ("learning_rate", "images_per_second"):
+            for key in SCALAR_KEYS:
                 if key in logs:
                     tf.summary.scalar(key, logs[key])
+            for tag, mib in memory.memory_usage().items():
+                tf.summary.scalar(tag, mib)
 
     def on_epoch_end(self, epoch, logs=None):
         self._writer.flush()

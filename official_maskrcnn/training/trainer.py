@@ -496,6 +496,8 @@ class Trainer:
         logs.update(step=step, epoch=epoch + 1, steps=done, seconds=seconds,
                     learning_rate=self.learning_rate(),
                     images_per_second=done * self.global_batch_size / seconds)
+        if self.loss_scaled:  # the dynamic loss scale after the call's last step
+            logs["loss_scale"] = float(self.optimizer.loss_scale)
         self.callbacks.on_train_batch_end(step - 1, logs)
         for hook in self.hooks:
             hook.after_host_call(step, done, epoch_end)

@@ -46,6 +46,23 @@ class FakePostProcessor:
         self.futures[index].set_result((metrics(*self.results[index]), []))
 
 
+class RecordingSummaries:
+    """Records the callback's calls of `eval_summaries.EvalSummaries`' methods."""
+
+    def __init__(self):
+        self.calls = []
+
+    def draw(self, outputs):
+        self.calls.append(("draw", list(outputs["source_id"])))
+        return {"pictures of": list(outputs["source_id"])}
+
+    def write(self, step, metrics, pictures):
+        self.calls.append(("write", step, metrics["bbox"]["AP"], pictures))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
 class CallbackTest(tf.test.TestCase):
 
     def setUp(self):
@@ -121,6 +138,26 @@ class CallbackTest(tf.test.TestCase):
         self.assertEqual([(line["epoch"], line["step_logged"]) for line in lines],
                          [(1, 15), (2, 15)])
         self.assertEqual([e for e, _ in self.logged("eval_stop")], [1, 2])
+
+    def test_summaries_are_written_at_the_evaluated_checkpoints_step_when_logged(self):
+        post = FakePostProcessor([(0.1, 0.1), (0.2, 0.2)], complete=False)
+        summaries = RecordingSummaries()
+        callback = self.callback(post, asynchronous=True, summaries=summaries)
+        # Resumed at step 12: epoch 1's lost evaluation, with its step-8 checkpoint's weights.
+        callback.evaluate(1, step=12, checkpoint_step=8)
+        self.assertEqual(summaries.calls, [("draw", [1])])  # drawn at once, written later
+        callback.on_train_batch_end(13, {"step": 14})
+        post.finish(0)
+        callback.on_train_batch_end(15, {"step": 16})
+        callback.on_epoch_end(1)  # epoch 2 ends at step 16: its checkpoint's step
+        callback.on_train_batch_end(17, {"step": 18})
+        post.finish(1)
+        callback.on_train_end()
+        self.assertEqual(summaries.calls[1:],
+                         [("write", 8, 0.1, {"pictures of": [1]}), ("draw", [2]),
+                          ("write", 16, 0.2, {"pictures of": [2]}), ("close",)])
+        # metrics.jsonl says when each was logged, TensorBoard which weights it scored.
+        self.assertEqual([line["step_logged"] for line in self.metrics_lines()], [16, 18])
 
     def test_async_pending_evaluations_are_awaited_at_the_end(self):
         post = FakePostProcessor([(0.1, 0.1)], complete=False)

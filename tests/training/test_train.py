@@ -14,9 +14,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from unittest import mock
 
 import gin
+import numpy as np
+import pytest
 import tensorflow as tf
 import tf_keras
 from absl.testing import flagsaver
@@ -28,7 +32,7 @@ from official_maskrcnn.training import checkpointing, mlperf_compliance, model_d
 from official_maskrcnn.training import optimizer as optimizer_lib
 from official_maskrcnn.training import trainer as trainer_lib
 from official_maskrcnn.training.nan_recovery import read_records
-from tests import synthetic_records
+from tests import synthetic_records, tensorboard_events
 from tests.data import damaged_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -175,9 +179,19 @@ class TrainEntryTest(tf.test.TestCase):
             sys.stdout.write(stdout.getvalue()[-2000:])  # shown by pytest when a test fails
         return logs, stdout.getvalue()
 
+    def smoke_model_dir(self):
+        """The model dir of a sync smoke run with evaluation, run once per class (by
+        test_smoke_run_outputs_and_mlperf_log, or here when that one did not run)."""
+        if not hasattr(type(self), "smoke_dir"):
+            model_dir = os.path.join(self.tmp, "smoke_for_tensorboard")
+            self.run_smoke(model_dir)
+            type(self).smoke_dir = model_dir
+        return type(self).smoke_dir
+
     def test_smoke_run_outputs_and_mlperf_log(self):
-        model_dir = os.path.join(self.create_tempdir().full_path, "model")
+        model_dir = os.path.join(self.tmp, "smoke")  # kept for the tests that read its events
         logs, out = self.run_smoke(model_dir)
+        type(self).smoke_dir = model_dir
         self.assertEqual(logs["step"], 16)
         self.assertIn("maskrcnn/resnet/conv1", out)  # the list of layers
         self.assertRegex(out, r"total\s+[\d,]+\s+[\d,]+")
@@ -186,7 +200,7 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertEqual(len(fingerprint(out)), 1)
         files = set(os.listdir(model_dir))
         self.assertContainsSubset({"operative_config.gin", "mlperf.log", "checkpoint",
-                                   "ckpt-8.index", "ckpt-16.index", "train"}, files)
+                                   "ckpt-8.index", "ckpt-16.index", "train", "eval"}, files)
         with open(os.path.join(model_dir, "operative_config.gin")) as f:
             operative = f.read()
         self.assertIn("run.global_batch_size = 2", operative)
@@ -253,6 +267,72 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertEqual(checkpoint, os.path.join(model_dir, "best", f"ckpt-{8 * (best + 1)}"))
         self.assertEqual((metrics["bbox"], metrics["segm"]), (record["bbox"], record["segm"]))
 
+    def test_smoke_run_tensorboard_events(self):
+        model_dir = self.smoke_model_dir()
+        lines = metrics_lines(model_dir)
+        evals = tensorboard_events.scalars(os.path.join(model_dir, "eval"))
+        # The 24 stats of metrics.jsonl (as float32) at the evaluated checkpoints' steps.
+        self.assertLen(evals, 24)
+        for iou_type in coco_metrics.IOU_TYPES:
+            for name in coco_metrics.STAT_NAMES:
+                self.assertEqual(evals[f"eval/{iou_type}/{name}"],
+                                 [(8, np.float32(lines[0][iou_type][name])),
+                                  (16, np.float32(lines[1][iou_type][name]))], name)
+        # run.summary_images = 3 (the default): the first 3 val records, at their original
+        # size, drawn at each evaluation.
+        first = list(tf.data.TFRecordDataset(
+            sorted(tf.io.gfile.glob(self.val_pattern()))).take(3).as_numpy_iterator())
+        sizes = {}
+        for serialized in first:
+            feature = tf.train.Example.FromString(serialized).features.feature
+            sizes[f"eval/images/{int(feature['image/source_id'].bytes_list.value[0])}"] = (
+                feature["image/height"].int64_list.value[0],
+                feature["image/width"].int64_list.value[0], 3)
+        images = tensorboard_events.images(os.path.join(model_dir, "eval"))
+        self.assertEqual(set(images), set(sizes))
+        for tag, events in images.items():
+            self.assertEqual([(step, picture.shape) for step, picture in events],
+                             [(8, sizes[tag]), (16, sizes[tag])])
+        # Each host call (2 steps) of training: the losses and the process's memory (no GPU
+        # here: its RSS); no loss scale in float32.
+        train = tensorboard_events.scalars(os.path.join(model_dir, "train"))
+        self.assertEqual([step for step, _ in train["memory/rss_mib"]], list(range(2, 17, 2)))
+        self.assertTrue(all(mib > 100 for _, mib in train["memory/rss_mib"]))
+        self.assertTrue(all(mib > 100 for _, mib in train["memory/peak_rss_mib"]))
+        self.assertEqual([step for step, _ in train["total_loss"]], list(range(2, 17, 2)))
+        self.assertNotIn("loss_scale", train)
+
+    @pytest.mark.slow
+    def test_tensorboard_serves_the_eval_scalars_over_http(self):
+        model_dir = self.smoke_model_dir()
+        lines = metrics_lines(model_dir)
+        port = free_port()
+        server = subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "tensorboard"), "--logdir", model_dir,
+             "--host", "127.0.0.1", "--port", str(port), "--load_fast", "false"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: server.poll() is None and server.kill())
+        url = (f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=eval&tag="
+               f"{urllib.parse.quote('eval/bbox/AP', safe='')}")
+        points, deadline = None, time.time() + 60
+        while points is None and server.poll() is None and time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    points = json.load(response)  # [[wall_time, step, value], ...]
+            except (OSError, ValueError):  # not listening or not loaded yet
+                time.sleep(0.5)
+        server.terminate()
+        _, stderr = server.communicate(timeout=30)
+        self.assertIsNotNone(points, f"no answer from tensorboard: {stderr[-2000:]}")
+        self.assertEqual([step for _, step, _ in points], [8, 16])
+        self.assertEqual([value for _, _, value in points],
+                         [np.float32(line["bbox"]["AP"]).item() for line in lines])
+
+    def val_pattern(self):
+        pattern, = [b.split(" = ")[1].strip("'") for b in self.data_bindings
+                    if b.startswith("eval/DatasetBuilder.file_pattern")]
+        return pattern
+
     def test_smoke_run_with_async_evaluation_logs_the_same_metrics_as_sync(self):
         if not hasattr(type(self), "sync_metrics"):  # runs after the sync test (alphabetical)
             sync_dir = os.path.join(self.create_tempdir().full_path, "sync")
@@ -273,6 +353,10 @@ class TrainEntryTest(tf.test.TestCase):
         for sync, async_ in zip(type(self).sync_metrics, lines):
             for iou_type in ("bbox", "segm"):  # the back ends agree to float64 rounding
                 self.assertAllClose(sync[iou_type], async_[iou_type], rtol=0, atol=1e-12)
+        # TensorBoard has each result at its epoch's end step, wherever it was logged.
+        evals = tensorboard_events.scalars(os.path.join(model_dir, "eval"))
+        self.assertEqual(evals["eval/segm/AP"], [(8, np.float32(lines[0]["segm"]["AP"])),
+                                                 (16, np.float32(lines[1]["segm"]["AP"]))])
         result = mlperf_compliance.check_compliance(os.path.join(model_dir, "mlperf.log"))
         self.assertEqual(result.failures_excluding({"eval_accuracy"}), [])
 
@@ -402,6 +486,10 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertEqual((lines[0]["bbox"], lines[0]["segm"]), (metrics["bbox"], metrics["segm"]))
         self.assertEqual([e["metadata"]["epoch_num"] for e in mlperf_events(model_dir)
                           if e["key"] == "eval_accuracy"], [1, 2])
+        # TensorBoard: the redone evaluation at its checkpoint's step 8, not at step 12.
+        evals = tensorboard_events.scalars(os.path.join(model_dir, "eval"))
+        self.assertEqual(evals["eval/bbox/AP"], [(8, np.float32(lines[0]["bbox"]["AP"])),
+                                                 (16, np.float32(lines[1]["bbox"]["AP"]))])
 
     def test_a_deleted_state_file_resumes_from_the_checkpoint_files(self):
         model_dir = os.path.join(self.create_tempdir().full_path, "model")

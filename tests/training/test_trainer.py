@@ -367,7 +367,7 @@ class PrecisionAndXlaTest(TrainerTestBase):
                                steps_per_epoch=2, num_epochs=1, steps_per_loop=2)
         trainer._forward_backward_fn = tf.function(trainer._forward_backward,
                                                    jit_compile=jit_compile)
-        logs = trainer.train()
+        logs = self.logs = trainer.train()
         for key in trainer_lib.ALL_LOSSES:
             self.assertTrue(np.isfinite(logs[key]), (policy, key, logs[key]))
         self.assertEqual(int(trainer.step.numpy()), 2)
@@ -382,10 +382,12 @@ class PrecisionAndXlaTest(TrainerTestBase):
         model, optimizer = self.train_two_steps("mixed_float16", jit_compile=False)
         self.assertEqual(model.backbone.compute_dtype, "float16")
         self.assertGreater(float(optimizer.loss_scale.numpy()), 1.0)
+        self.assertEqual(self.logs["loss_scale"], float(optimizer.loss_scale.numpy()))
 
     def test_mixed_bfloat16(self):
         model, _ = self.train_two_steps("mixed_bfloat16", jit_compile=False)
         self.assertEqual(model.backbone.compute_dtype, "bfloat16")
+        self.assertNotIn("loss_scale", self.logs)  # no loss scaling
 
     def test_xla_compiled_step(self):
         self.train_two_steps("float32", jit_compile=True)
