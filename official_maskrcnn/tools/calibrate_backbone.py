@@ -122,7 +122,7 @@ def calibration_images(file_pattern, num_images, size, mode):
     images = []
     for serialized in tf.data.TFRecordDataset(files).take(num_images):
         parsed = decoder.parse_example(serialized, include_masks=False)
-        image = square_crop(decoder.decode_image(parsed["image"]), size)
+        image = square_crop(decoder.decode_image(parsed["encoded_image"]), size)
         images.append(preprocess_ops.normalize_image(image, mode))
     if len(images) < num_images:
         raise CalibrationError(f"{file_pattern}: {len(images)} record(s), --num_images asks "
