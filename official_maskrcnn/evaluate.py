@@ -12,6 +12,10 @@ into M:
 `eval-<step>.metrics.json` (the 24 stats and timings) and `eval-<step>.results.json` (the COCO
 results: boxes in original image pixels, COCO category ids, RLE masks).
 
+The categories of `run.eval_annotations_file` must be those of the run's `label_map.json`
+(beside C, when training saved one) and give the model's class count (which they set when the
+config leaves `build_maskrcnn_model.num_classes` unset): otherwise one error naming both.
+
 Exit codes: 0 done; 1 no (readable) checkpoint, a checkpoint of another config (e.g. another
 class count), a bad config or bad input: one line says which.
 """

@@ -5,7 +5,8 @@ r"""A trained model as a SavedModel for serving: images in, COCO-ready detection
         [--score_threshold S] [--max_detections K] [--overwrite] [--gin_param B ...]
 
 Uses the training config (F, plus `--gin_param`) as `predict` does: the model, the eval
-preprocessing and `run.eval_annotations_file` (optional) for the label map. C is a checkpoint
+preprocessing and, for the label map, the run's `label_map.json` beside C, else
+`run.eval_annotations_file` (optional; `predictor.run_label_map`). C is a checkpoint
 prefix or a folder (its newest readable checkpoint).
 
 E gets a SavedModel whose `serving_default` signature takes one input, `inputs`:

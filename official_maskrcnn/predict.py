@@ -7,8 +7,11 @@ r"""Detections and pictures for image files, from a checkpoint and the training 
 Uses the training config (F, plus `--gin_param`): the model (`build_maskrcnn_model`,
 `run.precision`), the eval preprocessing (`DatasetBuilder.min_size`, `max_size`,
 `size_divisibility`, `pixel_mode`, unscoped or in the `eval/` scope, as the eval parser gets
-them) and `run.eval_annotations_file` (optional) for class names and COCO category ids; without
-it a class is named "class <label>" and its category_id is the label (1..K-1). C is a checkpoint
+them). Class names and category ids come from the run's `label_map.json` beside C (training
+saves it, `data/label_maps.py`; checked against `run.eval_annotations_file` when that file
+exists), else from `run.eval_annotations_file`'s categories; without either a class is named
+"class <label>" and its category_id is the label (1..K-1). A config that leaves
+`build_maskrcnn_model.num_classes` unset takes it from that label map. C is a checkpoint
 prefix (`.../ckpt-<step>`) or a folder (its newest readable checkpoint: an unreadable newest one
 falls back to the previous one with a warning, as training does); only the model is restored.
 
