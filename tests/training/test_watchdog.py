@@ -116,7 +116,8 @@ class HangWatchdogTest(tf.test.TestCase):
     def test_train_builds_it_first_from_the_run_settings(self):
         context = types.SimpleNamespace(
             settings=runtime.RunSettings(watchdog_seconds=7), worker_id=1, num_workers=1,
-            mllog=None, strategy=tf.distribute.get_strategy())
+            chief=False, model_dir=None, run_id="r", mllog=None,
+            strategy=tf.distribute.get_strategy())
         hooks = train._hooks(context, model=None, checkpointer=None)
         self.assertIsInstance(hooks[0], watchdog.HangWatchdog)
         self.assertEqual((hooks[0].seconds, hooks[0].worker_id), (7, 1))
