@@ -2,10 +2,12 @@
 
 Each hook is built by the caller and handed to `trainer.Trainer(hooks=[...])`, which calls them
 in the order given (`trainer.Hook` says when each method runs). `train.py` uses
-  [MLPerfEpochHook, PreemptionHook, CheckpointHook]
-so that at an epoch's end `epoch_stop` is logged before the epoch-end checkpoint is written, and
-at a host-call boundary a stop request is served (one checkpoint, then `Preempted`) before the
-periodic checkpoint would be written at the same step.
+  [watchdog.HangWatchdog, MLPerfEpochHook, PreemptionHook, CheckpointHook,
+   nan_recovery.RecoveryLog]
+so that a host call counts as done before a save can hang, at an epoch's end `epoch_stop` is
+logged before the epoch-end checkpoint is written, and at a host-call boundary a stop request is
+served (one checkpoint, then `Preempted`) before the periodic checkpoint would be written at the
+same step; the report of NaN recoveries comes last.
 """
 
 import signal
