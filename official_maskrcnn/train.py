@@ -56,7 +56,7 @@ import tensorflow as tf
 import tf_keras
 from absl import app, flags, logging
 
-from official_maskrcnn import runtime
+from official_maskrcnn import gin_bindings, runtime
 from official_maskrcnn.data import dataset_builder, decode_failures, label_maps, startup_checks
 from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics
 from official_maskrcnn.modeling import summary
@@ -83,7 +83,7 @@ class _Context:
     mllog: mlperf_logger.MLPerfLogger
     seed: int
     run_id: str
-    label_map: label_maps.LabelMap = None  # None: neither records nor ground truth carry one
+    label_map: label_maps.LabelMap  # None: neither records nor ground truth carry one
 
     @property
     def chief(self):
@@ -124,8 +124,8 @@ def run(model_dir, settings=None, extra_callbacks=(), **overrides):
     if worker_id == 0:
         lock.acquire()
     try:
-        context = _start(model_dir, settings, strategy, worker_id, num_workers, run_id)
-        context.label_map = label_map
+        context = _start(model_dir, settings, strategy, worker_id, num_workers, run_id,
+                         label_map)
         return _run(context, extra_callbacks)
     finally:
         lock.release()
@@ -201,10 +201,10 @@ def run_label_map(model_dir, settings):
     Raises:
       label_maps.LabelMapError: any two of them disagree (the message names both files).
     """
-    train_map = label_maps.from_records(_bound_file_pattern("train"))
+    train_map = label_maps.from_records(_records_pattern("train"))
     eval_map = ground_truth_map = None
     if settings.eval_annotations_file:
-        eval_map = label_maps.from_records(_bound_file_pattern("eval"))
+        eval_map = label_maps.from_records(_records_pattern("eval"))
         ground_truth_map = label_maps.from_annotations(settings.eval_annotations_file)
     label_map = train_map or eval_map or ground_truth_map
     for other in (eval_map, ground_truth_map, runtime.saved_label_map(model_dir)):
@@ -217,18 +217,11 @@ def run_label_map(model_dir, settings):
     return label_map
 
 
-def _bound_file_pattern(scope):
+def _records_pattern(scope):
     """`<scope>/DatasetBuilder.file_pattern` (or the unscoped one) as gin binds it; None when
     unbound (the builder's own error names it later)."""
-    for selector in (f"{scope}/DatasetBuilder.file_pattern", "DatasetBuilder.file_pattern"):
-        try:
-            value = gin.query_parameter(selector)
-        except ValueError:
-            continue
-        if isinstance(value, gin.config.ConfigurableReference):
-            value = value.scoped_configurable_fn()  # a macro (`%train_records`): its value
-        return value
-    return None
+    return gin_bindings.bound_value(f"{scope}/DatasetBuilder.file_pattern",
+                                    "DatasetBuilder.file_pattern")
 
 
 def _strategy(settings):
@@ -245,7 +238,7 @@ def _strategy(settings):
     return strategy, worker_id, num_workers
 
 
-def _start(model_dir, settings, strategy, worker_id, num_workers, run_id):
+def _start(model_dir, settings, strategy, worker_id, num_workers, run_id, label_map):
     """The MLPerf log (init_start) and the seed; the model dir is locked by now (chief)."""
     tf.io.gfile.makedirs(model_dir)
     mllog = mlperf_logger.MLPerfLogger(os.path.join(model_dir, "mlperf.log"),
@@ -259,7 +252,7 @@ def _start(model_dir, settings, strategy, worker_id, num_workers, run_id):
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     context = _Context(model_dir, settings, strategy, worker_id, num_workers, mllog, seed,
-                       run_id)
+                       run_id, label_map)
     logging.info("run id %s, seed %d, %d replica(s) on %d worker(s), %d image(s) per replica, "
                  "%s", run_id, seed, strategy.num_replicas_in_sync, num_workers,
                  context.per_replica_batch_size, settings.precision)

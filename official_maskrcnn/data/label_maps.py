@@ -25,6 +25,7 @@ import os
 import gin
 import tensorflow as tf
 
+from official_maskrcnn import gin_bindings
 from official_maskrcnn.data import records
 from tfrecord_tools import coco_index, shard_writer
 
@@ -196,11 +197,9 @@ def check_same(expected, found):
 
 
 def configured_num_classes():
-    """`build_maskrcnn_model.num_classes` as the config binds it; None when it is unbound."""
-    try:
-        return gin.query_parameter(NUM_CLASSES_PARAMETER)
-    except ValueError:  # gin: the configurable has no bound parameters, or not this one
-        return None
+    """`build_maskrcnn_model.num_classes` as the config binds it (a macro resolved); None when
+    it is unbound."""
+    return gin_bindings.bound_value(NUM_CLASSES_PARAMETER)
 
 
 def apply_num_classes(label_map, check=True):

@@ -33,16 +33,16 @@ from tfrecord_tools import quiet_tensorflow  # noqa: F401  # isort: split
 
 import argparse
 import collections
+import contextlib
 import inspect
 import sys
 import types
 
-import gin
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from official_maskrcnn import runtime
+from official_maskrcnn import gin_bindings, runtime
 from official_maskrcnn.data import dataset_builder, decoder, preprocess_ops, records
 from official_maskrcnn.modeling import factory
 from official_maskrcnn.modeling.backbones import checkpoint, resnet
@@ -56,13 +56,6 @@ class CalibrationError(records.InputError):
     """The config, the records or the output cannot give a calibrated backbone."""
 
 
-def _bound(selector, default):
-    try:
-        return gin.query_parameter(selector)
-    except ValueError:
-        return default
-
-
 def config_backbone(seed):
     """The config's backbone, built with seeded random convolutions and unit norms.
 
@@ -70,8 +63,10 @@ def config_backbone(seed):
       CalibrationError: the config's backbone has no frozen norms.
     """
     defaults = inspect.signature(factory.build_maskrcnn_model).parameters
-    depth = _bound("build_maskrcnn_model.backbone_depth", defaults["backbone_depth"].default)
-    norm = _bound("build_maskrcnn_model.backbone_norm", defaults["backbone_norm"].default)
+    depth = gin_bindings.bound_value("build_maskrcnn_model.backbone_depth",
+                                     default=defaults["backbone_depth"].default)
+    norm = gin_bindings.bound_value("build_maskrcnn_model.backbone_norm",
+                                    default=defaults["backbone_norm"].default)
     if norm != "frozen_bn":
         raise CalibrationError(f"build_maskrcnn_model.backbone_norm = {norm!r}: only a "
                                f"'frozen_bn' backbone has fixed statistics to calibrate")
@@ -81,24 +76,12 @@ def config_backbone(seed):
     return backbone
 
 
-def pixel_mode():
-    """The training pipeline's `pixel_mode` (train/DatasetBuilder, else unscoped, else the
-    constructor's default)."""
-    default = inspect.signature(dataset_builder.DatasetBuilder).parameters["pixel_mode"].default
-    for selector in ("train/DatasetBuilder.pixel_mode", "DatasetBuilder.pixel_mode"):
-        value = _bound(selector, None)
-        if value is not None:
-            return value
-    return default
-
-
-def config_min_size():
-    default = inspect.signature(dataset_builder.DatasetBuilder).parameters["min_size"].default
-    for selector in ("train/DatasetBuilder.min_size", "DatasetBuilder.min_size"):
-        value = _bound(selector, None)
-        if value is not None:
-            return value
-    return default
+def training_data_setting(name):
+    """The training pipeline's `DatasetBuilder` argument `name` (e.g. "pixel_mode"): bound in
+    `train/`, else unscoped, else the constructor's default."""
+    default = inspect.signature(dataset_builder.DatasetBuilder).parameters[name].default
+    return gin_bindings.bound_value(f"train/DatasetBuilder.{name}", f"DatasetBuilder.{name}",
+                                    default=default)
 
 
 def square_crop(image, size):
@@ -134,6 +117,20 @@ def frozen_norms(backbone):
     return [layer for layer in backbone.submodules if isinstance(layer, FrozenBatchNorm)]
 
 
+@contextlib.contextmanager
+def norms_calling(backbone, call):
+    """Within the block, each frozen norm of `backbone` runs call(layer, inputs) -> outputs
+    instead of its own `call` (eager forward passes only); yields the norms."""
+    norms = frozen_norms(backbone)
+    for layer in norms:
+        layer.call = types.MethodType(call, layer)
+    try:
+        yield norms
+    finally:
+        for layer in norms:
+            del layer.call  # the class's own call again
+
+
 def calibrate(backbone, images):
     """Sets every frozen norm of `backbone` from its input's statistics on `images`.
 
@@ -153,14 +150,8 @@ def calibrate(backbone, images):
         calibrated.append((layer.name, layer.scale.numpy()))
         return FrozenBatchNorm.call(layer, inputs)
 
-    norms = frozen_norms(backbone)
-    for layer in norms:
-        layer.call = types.MethodType(calibrating_call, layer)
-    try:
+    with norms_calling(backbone, calibrating_call) as norms:
         backbone(images)
-    finally:
-        for layer in norms:
-            del layer.call  # the class's own call again
     if len(calibrated) != len(norms):
         raise CalibrationError(f"the forward pass ran {len(calibrated)} of the backbone's "
                                f"{len(norms)} frozen norms")
@@ -182,15 +173,16 @@ def run(file_pattern, num_images, output, image_size=None, seed=0, stream=sys.st
     if num_images < 2:
         raise CalibrationError(f"--num_images must be >= 2 (a variance needs two images), "
                                f"found {num_images}")
-    size = image_size or config_min_size()
+    size = image_size or training_data_setting("min_size")
     if size < checkpoint.BUILD_IMAGE_SIZE:
         raise CalibrationError(f"--image_size must be >= {checkpoint.BUILD_IMAGE_SIZE}, "
                                f"found {size}")
     backbone = config_backbone(seed)
-    images = calibration_images(file_pattern, num_images, size, pixel_mode())
+    mode = training_data_setting("pixel_mode")
+    images = calibration_images(file_pattern, num_images, size, mode)
     print(f"calibrating {len(frozen_norms(backbone))} frozen norms of ResNet-"
           f"{backbone.get_config()['depth']} on {num_images} image(s) of {size} x {size} "
-          f"({pixel_mode()})", file=stream, flush=True)
+          f"({mode})", file=stream, flush=True)
     calibrated = calibrate(backbone, images)
     for line in stage_summary(calibrated):
         print(line, file=stream)

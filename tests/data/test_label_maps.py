@@ -171,6 +171,10 @@ class NumClassesTest(tf.test.TestCase):
                      "lists 5 classes (num_classes = 6)"):
             self.assertIn(part, message)
         self.assertEqual(gin.query_parameter(label_maps.NUM_CLASSES_PARAMETER), 81)
+        # A macro is compared by its value.
+        gin.clear_config()
+        runtime.parse_gin([], ["classes = 6", f"{label_maps.NUM_CLASSES_PARAMETER} = %classes"])
+        self.assertEqual(label_maps.apply_num_classes(self.label_map), (6, False))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import io
 import os
 import shutil
 import tempfile
-import types
 
 import gin
 import numpy as np
@@ -34,14 +33,8 @@ def norm_inputs(backbone, images):
         seen[layer.name] = inputs.numpy().astype(np.float64)
         return FrozenBatchNorm.call(layer, inputs)
 
-    norms = calibrate_backbone.frozen_norms(backbone)
-    for layer in norms:
-        layer.call = types.MethodType(recording_call, layer)
-    try:
+    with calibrate_backbone.norms_calling(backbone, recording_call):
         backbone(images)
-    finally:
-        for layer in norms:
-            del layer.call
     return seen
 
 
