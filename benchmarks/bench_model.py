@@ -114,19 +114,23 @@ def synthetic_batch(batch, size, num_gt, seed=0):
 
 
 def build_ours(**settings):
+    """Our model with its variables created right after seeding, so that every variant built
+    by this script starts from the same weights."""
     import tf_keras
 
+    from official_maskrcnn import runtime
     from official_maskrcnn.modeling import factory
 
     tf_keras.utils.set_random_seed(INIT_SEED)
-    return factory.build_maskrcnn_model(num_classes=NUM_CLASSES, **SETTINGS, **settings)
+    model = factory.build_maskrcnn_model(num_classes=NUM_CLASSES, **SETTINGS, **settings)
+    model(runtime.dummy_training_inputs(), training=True)
+    return model
 
 
 def mask_slots_used(inputs):
     """How many mask ROI slots per image our mask head runs on for `inputs` (the bucket that
     holds the batch's foreground ROIs), read from its eager input shape."""
     model = build_ours()
-    model(inputs, training=True)  # builds the variables (all slots, no branch)
     shapes = []
     call = model.mask_head.call
     model.mask_head.call = lambda x: shapes.append(x.shape[1]) or call(x)
