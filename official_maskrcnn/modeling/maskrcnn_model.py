@@ -33,9 +33,35 @@ LOSS_NAMES = ("rpn_score_loss", "rpn_box_loss", "frcnn_class_loss", "frcnn_box_l
 # FPN levels the RPN sees (P2..P6) and the ROI heads pool from (P2..P5).
 RPN_LEVELS = ("2", "3", "4", "5", "6")
 ROI_LEVELS = ("2", "3", "4", "5")
+# The name scopes of the training stages between the layers (profiles report time per scope).
+STAGE_SCOPES = ("rpn_targets", "rpn_losses", "proposals", "sample_rois", "box_roi_align",
+                "box_head_losses", "mask_roi_align", "mask_targets", "mask_loss")
 DEFAULT_SEED = (0, 0)
 # Mixed into the seed for the ROI sampler, so that it draws independently of the RPN sampler.
 ROI_SEED_XOR = (0x2545F491, 0x9E3779B9)
+
+
+def _compiling_with_xla():
+    """True while tracing for XLA (a jit_compile function, or a graph inside one)."""
+    # TensorFlow's own test for XLA tracing (cond_v2 and while_v2 use it); no public API.
+    from tensorflow.python.ops import control_flow_util  # pylint: disable=import-outside-toplevel
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _smallest_fitting(count, sizes, fn):
+    """fn(size) for the smallest of `sizes` (ascending Python ints) that is >= count, the last
+    one otherwise, as nested tf.cond: only the chosen branch runs.
+
+    Nested tf.cond rather than tf.switch_case: under XLA, TensorFlow marks a Case op to
+    propagate compile-time constants, and XLA then tries to infer the value of every input of
+    the op (here the FPN features) by evaluating the ops upstream in its HLO interpreter, the
+    backbone's convolutions included (minutes of compile time at 256 x 256). An If op only does
+    that for the inputs its branches need as constants (none here).
+    """
+    if len(sizes) == 1:
+        return fn(sizes[0])
+    return tf.cond(count <= sizes[0], lambda: fn(sizes[0]),
+                   lambda: _smallest_fitting(count, sizes[1:], fn))
 
 
 class MaskRCNNModel(tf_keras.Model):
@@ -161,25 +187,34 @@ class MaskRCNNModel(tf_keras.Model):
         features = self._features(images, training=True)
         rpn_outputs = self.rpn_head({level: features[level] for level in RPN_LEVELS})
         anchors = self._anchors(images)
-        targets = rpn_targets_lib.rpn_targets(
-            tf.concat([anchors[level] for level in RPN_LEVELS], axis=0), gt_boxes, gt_classes,
-            image_size, rpn_seed, batch_size_per_image=rpn.batch_size_per_image,
-            positive_fraction=rpn.positive_fraction, high=rpn.fg_iou_threshold,
-            low=rpn.bg_iou_threshold, straddle_thresh=rpn.straddle_thresh)
-        losses = losses_lib.rpn_losses(
-            tf.concat([rpn_outputs["objectness_logits"][level] for level in RPN_LEVELS], axis=1),
-            tf.concat([rpn_outputs["box_deltas"][level] for level in RPN_LEVELS], axis=1),
-            targets["labels"], targets["box_targets"])
+        # Name scopes (STAGE_SCOPES) group the ops of each stage in profiles and graphs.
+        with tf.name_scope("rpn_targets"):
+            targets = rpn_targets_lib.rpn_targets(
+                tf.concat([anchors[level] for level in RPN_LEVELS], axis=0), gt_boxes,
+                gt_classes, image_size, rpn_seed, batch_size_per_image=rpn.batch_size_per_image,
+                positive_fraction=rpn.positive_fraction, high=rpn.fg_iou_threshold,
+                low=rpn.bg_iou_threshold, straddle_thresh=rpn.straddle_thresh)
+        with tf.name_scope("rpn_losses"):
+            losses = losses_lib.rpn_losses(
+                tf.concat([rpn_outputs["objectness_logits"][level] for level in RPN_LEVELS],
+                          axis=1),
+                tf.concat([rpn_outputs["box_deltas"][level] for level in RPN_LEVELS], axis=1),
+                targets["labels"], targets["box_targets"])
 
-        boxes, valid = self._proposals(rpn_outputs, anchors, image_size, training=True)
-        rois = roi_targets.sample_rois(
-            boxes, valid, gt_boxes, gt_classes, roi_seed, num_samples=roi.num_samples,
-            fg_fraction=roi.fg_fraction, fg_iou_threshold=roi.fg_iou_threshold,
-            bg_iou_threshold=roi.bg_iou_threshold)
-        box_outputs = self.box_head(self._roi_features(features, rois["rois"], roi.box_roi_size))
-        losses.update(losses_lib.box_head_losses(
-            box_outputs["class_logits"], box_outputs["box_deltas"], rois["class_targets"],
-            rois["box_targets"], rois["roi_valid"]))
+        with tf.name_scope("proposals"):
+            boxes, valid = self._proposals(rpn_outputs, anchors, image_size, training=True)
+        with tf.name_scope("sample_rois"):
+            rois = roi_targets.sample_rois(
+                boxes, valid, gt_boxes, gt_classes, roi_seed, num_samples=roi.num_samples,
+                fg_fraction=roi.fg_fraction, fg_iou_threshold=roi.fg_iou_threshold,
+                bg_iou_threshold=roi.bg_iou_threshold)
+        with tf.name_scope("box_roi_align"):
+            box_features = self._roi_features(features, rois["rois"], roi.box_roi_size)
+        box_outputs = self.box_head(box_features)
+        with tf.name_scope("box_head_losses"):
+            losses.update(losses_lib.box_head_losses(
+                box_outputs["class_logits"], box_outputs["box_deltas"], rois["class_targets"],
+                rois["box_targets"], rois["roi_valid"]))
 
         if "gt_mask_boxes" not in inputs:
             raise ValueError(f"training inputs: expected 'gt_mask_boxes' [B, I, 4] (the extent "
@@ -196,23 +231,54 @@ class MaskRCNNModel(tf_keras.Model):
     def _mask_loss(self, features, rois, gt_masks, gt_mask_boxes):
         """Mask loss on the foreground ROIs, compacted into F = int(S * fg_fraction) slots.
 
-        gt_masks [B, I, M, M] are crops over gt_mask_boxes [B, I, 4] (continuous extents)."""
+        gt_masks [B, I, M, M] are crops over gt_mask_boxes [B, I, 4] (continuous extents).
+        The reference runs the mask head on the foreground ROIs only; static shapes need a
+        fixed slot count, so the slots are cut into `mask_slot_buckets` sizes (F / 4, F / 2,
+        3F / 4, F by default) and the mask head, its ROIAlign and its targets run on the
+        smallest size holding every image's foreground ROIs (nested tf.cond: one branch per
+        size; under XLA all F slots, see below). The loss is that of all F slots: the slots cut
+        off are padding, which the loss masks out.
+        """
         roi = self.settings.roi
         num_slots = roi.num_mask_slots
         foreground = rois["foreground"]  # [B, S]
         # top_k is stable: the foreground slots first, in ROI order. sample_rois samples at most
         # int(S * fg_fraction) foreground ROIs, so none is dropped.
         _, index = tf.math.top_k(tf.cast(foreground, tf.int32), k=num_slots)  # [B, F]
-        fg_rois = tf.gather(rois["rois"], index, batch_dims=1)  # [B, F, 4]
-        fg_valid = tf.gather(foreground, index, batch_dims=1)  # [B, F]
-        fg_classes = tf.gather(rois["class_targets"], index, batch_dims=1)  # [B, F]
-        fg_matched = tf.gather(rois["matched_gt"], index, batch_dims=1)  # [B, F]
-        mask_logits = self.mask_head(
-            self._roi_features(features, fg_rois, roi.mask_roi_size))  # [B, F, Q, Q, K]
-        targets = mask_targets.mask_targets(
-            gt_masks, gt_mask_boxes, fg_rois, fg_matched,
-            output_size=self.settings.detection.mask_size)  # [B, F, Q, Q]
-        return losses_lib.mask_loss(mask_logits, targets, fg_classes, fg_valid)
+        slots = {
+            "rois": tf.gather(rois["rois"], index, batch_dims=1),  # [B, F, 4]
+            "valid": tf.gather(foreground, index, batch_dims=1),  # [B, F]
+            "classes": tf.gather(rois["class_targets"], index, batch_dims=1),  # [B, F]
+            "matched": tf.gather(rois["matched_gt"], index, batch_dims=1),  # [B, F]
+        }
+
+        def loss_on(size):
+            first = {key: value[:, :size] for key, value in slots.items()}
+            return self._slot_mask_loss(features, first, gt_masks, gt_mask_boxes)
+
+        sizes = model_settings.mask_slot_sizes(num_slots, roi.mask_slot_buckets)
+        if len(sizes) == 1 or not self.mask_head.built or _compiling_with_xla():
+            # One size, the call that creates the mask head's variables (not in a branch), or
+            # XLA: its conditionals holding the mask head's forward and backward ran the CPU
+            # step 18x slower here (TF 2.20), so XLA keeps one static size.
+            return loss_on(num_slots)
+        most = tf.reduce_max(tf.reduce_sum(tf.cast(slots["valid"], tf.int32), axis=1))
+        with tf.name_scope("mask_slot_bucket"):
+            return _smallest_fitting(most, sizes, loss_on)
+
+    def _slot_mask_loss(self, features, slots, gt_masks, gt_mask_boxes):
+        """The mask loss of R slots: rois [B, R, 4], valid [B, R], classes [B, R], matched
+        [B, R] (index of the matched gt instance)."""
+        roi = self.settings.roi
+        with tf.name_scope("mask_roi_align"):
+            mask_features = self._roi_features(features, slots["rois"], roi.mask_roi_size)
+        mask_logits = self.mask_head(mask_features)  # [B, R, Q, Q, K]
+        with tf.name_scope("mask_targets"):
+            targets = mask_targets.mask_targets(
+                gt_masks, gt_mask_boxes, slots["rois"], slots["matched"],
+                output_size=self.settings.detection.mask_size)  # [B, R, Q, Q]
+        with tf.name_scope("mask_loss"):
+            return losses_lib.mask_loss(mask_logits, targets, slots["classes"], slots["valid"])
 
     # ---------------------------------------------------------------- inference
 

@@ -67,11 +67,24 @@ class ROISettings:
     box_roi_size: int = _flat("box_roi_size", 7)
     mask_roi_size: int = _flat("mask_roi_size", 14)
     sampling_ratio: int = _flat("sampling_ratio", 2)
+    mask_slot_buckets: int = _flat("mask_slot_buckets", 4)
+
+    def __post_init__(self):
+        if not isinstance(self.mask_slot_buckets, int) or self.mask_slot_buckets < 1:
+            raise ValueError(f"MaskRCNNModel: mask_slot_buckets must be an int >= 1 (1: the mask "
+                             f"head always runs on all {self.num_mask_slots} slots), found "
+                             f"{self.mask_slot_buckets!r}.")
 
     @property
     def num_mask_slots(self):
         """F = int(S * fg_fraction) (>= 1): the most foreground ROIs `sample_rois` keeps."""
         return max(min(int(self.num_samples * self.fg_fraction), self.num_samples), 1)
+
+
+def mask_slot_sizes(num_slots, buckets):
+    """The slot counts the mask head may run on: `buckets` evenly spaced sizes up to num_slots
+    (e.g. 128 slots, 4 buckets: (32, 64, 96, 128)), fewer when num_slots < buckets."""
+    return tuple(sorted({-(-num_slots * (i + 1) // buckets) for i in range(buckets)}))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,8 @@ Pipeline, per image and per level (as the reference's `forward_for_single_featur
      min_size is 0, and a decoded box always has x2 - x1 + 1 = exp(dw) * w > 0, which clipping
      (monotone) keeps >= 0, so with min_size = 0 this step removes nothing; it is kept for other
      values and enforced through the valid mask;
-  5. greedy NMS at nms_threshold (IoU > threshold suppresses), keeping up to min(P, n_l).
+  5. greedy NMS at nms_threshold (IoU > threshold suppresses), keeping up to min(P, n_l)
+     (all levels of all images in one `nms.non_max_suppression` call).
 Then the levels are merged and the P best by objectness kept:
   - per_image=True (the reference at eval, and the usual reading of the rules'
     "1000 per image" for training): the top P of each image;
@@ -53,14 +54,13 @@ def _sorted_levels(tensors, name):
     return levels
 
 
-def _level_proposals(objectness, deltas, anchors, image_size, pre_nms_top_n, nms_threshold,
-                     post_nms_top_n, min_size):
-    """One level: top-k, decode, clip, size filter, NMS.
+def _level_candidates(objectness, deltas, anchors, image_size, pre_nms_top_n, min_size):
+    """One level before NMS: top-k, decode, clip, size filter.
 
     Args:
       objectness: [B, N_l] logits; deltas: [B, N_l, 4]; anchors: [N_l, 4]; image_size: [B, 2].
     Returns:
-      boxes [B, D, 4], logits [B, D], valid [B, D] with D = min(post_nms_top_n, n_l).
+      boxes [B, n_l, 4], logits [B, n_l] (in decreasing order), big_enough [B, n_l] bool.
     """
     num_anchors = objectness.shape[1]
     if num_anchors is None:
@@ -75,11 +75,43 @@ def _level_proposals(objectness, deltas, anchors, image_size, pre_nms_top_n, nms
     heights = boxes[..., 2] - boxes[..., 0] + box_ops.TO_REMOVE
     widths = boxes[..., 3] - boxes[..., 1] + box_ops.TO_REMOVE
     big_enough = tf.logical_and(widths >= min_size, heights >= min_size)
-    num_keep = min(post_nms_top_n, top_n)
-    keep, keep_valid = nms.non_max_suppression(boxes, logits, num_keep, nms_threshold,
-                                               valid=big_enough)
-    return (tf.gather(boxes, keep, batch_dims=1), tf.gather(logits, keep, batch_dims=1),
-            keep_valid)
+    return boxes, logits, big_enough
+
+
+def _multilevel_nms(boxes, logits, valid, nms_threshold, post_nms_top_n):
+    """Greedy NMS of every (image, level) problem in one call, so that the sequential loop of
+    `nms.non_max_suppression` runs once per step instead of once per level.
+
+    Args:
+      boxes: list over levels of [B, n_l, 4]; logits: list of [B, n_l]; valid: list of [B, n_l].
+    Returns:
+      boxes [B, L * D, 4], logits [B, L * D], valid [B, L * D], level-major, each level's kept
+      boxes in decreasing score order, with D = min(post_nms_top_n, max n_l). A level keeps at
+      most min(post_nms_top_n, n_l) boxes, as if it were suppressed alone: its padding rows
+      (up to max n_l) are invalid and sort last.
+    """
+    num_levels = len(boxes)
+    width = max(level.shape[1] for level in logits)
+    pad = lambda x, value: tf.pad(  # noqa: E731
+        x, [[0, 0], [0, width - x.shape[1]]] + [[0, 0]] * (x.shape.rank - 2),
+        constant_values=value)
+    # [L * B, n_max, ...], level-major.
+    stacked_boxes = tf.concat([pad(b, 0.0) for b in boxes], axis=0)
+    stacked_logits = tf.concat([pad(x, -float("inf")) for x in logits], axis=0)
+    stacked_valid = tf.concat([pad(v, False) for v in valid], axis=0)
+    num_keep = min(post_nms_top_n, width)
+    keep, keep_valid = nms.non_max_suppression(stacked_boxes, stacked_logits, num_keep,
+                                               nms_threshold, valid=stacked_valid)
+
+    def per_image(x):
+        # [L * B, D, ...] -> [L, B, D, ...] -> [B, L, D, ...] -> [B, L * D, ...]
+        rest = x.shape[1:].as_list()
+        x = tf.reshape(x, [num_levels, -1] + rest)
+        x = tf.transpose(x, [1, 0] + list(range(2, x.shape.rank)))
+        return tf.reshape(x, [-1, num_levels * rest[0]] + rest[1:])
+
+    return (per_image(tf.gather(stacked_boxes, keep, batch_dims=1)),
+            per_image(tf.gather(stacked_logits, keep, batch_dims=1)), per_image(keep_valid))
 
 
 def generate_proposals(objectness, deltas, anchors, image_size, pre_nms_top_n, post_nms_top_n,
@@ -109,19 +141,14 @@ def generate_proposals(objectness, deltas, anchors, image_size, pre_nms_top_n, p
         raise ValueError(f"generate_proposals: expected the same levels in objectness, deltas and "
                          f"anchors, found {levels}, {sorted(deltas)}, {sorted(anchors)}.")
     image_size = tf.cast(image_size, tf.float32)
-    all_boxes, all_logits, all_valid = [], [], []
-    for level in levels:
-        boxes, logits, valid = _level_proposals(
+    candidates = [
+        _level_candidates(
             tf.cast(tf.stop_gradient(objectness[level]), tf.float32),
             tf.cast(tf.stop_gradient(deltas[level]), tf.float32),
-            tf.cast(anchors[level], tf.float32), image_size, pre_nms_top_n, nms_threshold,
-            post_nms_top_n, min_size)
-        all_boxes.append(boxes)
-        all_logits.append(logits)
-        all_valid.append(valid)
-    boxes = tf.concat(all_boxes, axis=1)  # [B, C, 4], C = sum of per-level D.
-    logits = tf.concat(all_logits, axis=1)  # [B, C]
-    valid = tf.concat(all_valid, axis=1)  # [B, C]
+            tf.cast(anchors[level], tf.float32), image_size, pre_nms_top_n, min_size)
+        for level in levels]
+    boxes, logits, valid = _multilevel_nms(*zip(*candidates), nms_threshold=nms_threshold,
+                                           post_nms_top_n=post_nms_top_n)  # [B, C, ...]
     num_candidates = logits.shape[1]
 
     lowest = tf.constant(-float("inf"), tf.float32)

@@ -172,10 +172,12 @@ def _roi_align_flat(flat_features, boxes, heights, widths, offsets, scales, outp
             # The gather is exact in any dtype; only the weighting needs float32.
             values = tf.reshape(tf.cast(values, tf.float32), [batch, num_boxes, grid, grid, -1])
             samples += weight[..., None] * values
-    # [B, R, P*S, P*S, C] -> [B, R, P, S, P, S, C]: the S x S samples of a bin, averaged.
-    samples = tf.reshape(samples, [batch, num_boxes, output_size, sampling_ratio, output_size,
-                                   sampling_ratio, channels])
-    pooled = tf.reduce_mean(samples, axis=[3, 5])
+    # The S x S samples of a bin, averaged: an average pooling of the [PS, PS] sample grid
+    # (faster than a mean over the non-adjacent axes of [B, R, P, S, P, S, C], forward and
+    # backward).
+    pooled = tf.nn.avg_pool2d(tf.reshape(samples, [-1, grid, grid, channels]), sampling_ratio,
+                              sampling_ratio, "VALID")
+    pooled = tf.reshape(pooled, [batch, num_boxes, output_size, output_size, channels])
     return tf.cast(pooled, flat_features.dtype)
 
 

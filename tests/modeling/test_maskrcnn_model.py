@@ -13,7 +13,7 @@ import tensorflow as tf
 import tf_keras
 from absl.testing import parameterized
 
-from official_maskrcnn.modeling import factory, maskrcnn_model
+from official_maskrcnn.modeling import factory, maskrcnn_model, model_settings
 from official_maskrcnn.modeling.backbones import checkpoint, resnet
 
 BATCH = 2
@@ -211,6 +211,53 @@ class MaskRCNNModelTest(tf.test.TestCase):
         losses = clone(training_inputs(), training=True)
         self.assertTrue(all(np.isfinite(v.numpy()) for v in losses.values()))
         self.assertEqual(clone.count_params(), self.model.count_params())
+
+
+class MaskSlotBucketsTest(tf.test.TestCase):
+    """The mask head on the smallest bucket of slots gives the losses and gradients of all
+    F slots (model_settings.mask_slot_sizes), eagerly and in a graph; XLA keeps all slots."""
+
+    def test_buckets_match_all_slots(self):
+        bucketed = build_small_model()  # F = 16 slots in 4 buckets: 4, 8, 12, 16
+        inputs = training_inputs()
+        bucketed(inputs, training=True)  # builds the variables (no branch yet)
+        padded = factory.build_maskrcnn_model(**SMALL_SETTINGS, mask_slot_buckets=1)
+        padded(inputs, training=True)
+        padded.set_weights(bucketed.get_weights())
+        mask_rois = []
+        call = bucketed.mask_head.call
+        bucketed.mask_head.call = lambda x: mask_rois.append(x.shape[1]) or call(x)
+
+        def losses_and_grads(model, batch):
+            with tf.GradientTape() as tape:
+                losses = model(batch, training=True)
+            return losses, tape.gradient(losses["total_loss"], model.trainable_variables)
+
+        one_gt = dict(inputs, gt_classes=tf.constant(
+            np.where(np.arange(NUM_INSTANCES) < 1, inputs["gt_classes"].numpy(), -1)))
+        for batch in (inputs, one_gt):
+            mask_rois.clear()
+            want, want_grads = losses_and_grads(padded, batch)
+            got, got_grads = losses_and_grads(bucketed, batch)
+            # Eagerly only the chosen branch runs: fewer than F slots for these batches.
+            self.assertLen(mask_rois, 1)
+            self.assertLess(mask_rois[0], 16)
+            for name in LOSS_KEYS:
+                self.assertAllClose(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+            for variable, g, w in zip(bucketed.trainable_variables, got_grads, want_grads):
+                self.assertAllClose(g, w, rtol=1e-5, atol=1e-6, msg=variable.name)
+        # In a graph every size is traced and the chosen one runs; under XLA all 16 slots.
+        for jit, traced in ((False, [4, 8, 12, 16]), (True, [16])):
+            mask_rois.clear()
+            compiled = tf.function(lambda b: bucketed(b, training=True), jit_compile=jit)
+            for name, value in compiled(one_gt).items():
+                self.assertAllClose(value, want[name], rtol=1e-4, atol=1e-6, msg=name)
+            self.assertEqual(sorted(set(mask_rois)), traced)
+        self.assertEqual(model_settings.mask_slot_sizes(128, 4), (32, 64, 96, 128))
+        self.assertEqual(model_settings.mask_slot_sizes(3, 4), (1, 2, 3))
+        self.assertEqual(model_settings.mask_slot_sizes(16, 1), (16,))
+        with self.assertRaisesRegex(ValueError, "mask_slot_buckets must be an int >= 1"):
+            factory.build_maskrcnn_model(**SMALL_SETTINGS, mask_slot_buckets=0)
 
 
 class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):

@@ -117,6 +117,63 @@ class NonMaxSuppressionTest(tf.test.TestCase):
                 self.assertAllEqual(out_valid[b], np.arange(max_output) < count)
                 self.assertAllEqual(indices[b, count:], np.zeros(max_output - count))
 
+    def test_tiles_give_the_greedy_result_on_hard_cases(self):
+        """Any tile size gives the one-box-at-a-time result: suppression chains that cross tile
+        boundaries, exact score ties, degenerate boxes, invalid rows, N not a multiple of T."""
+        rng = np.random.default_rng(7)
+        batch, num = 4, 45
+        # Problem 0: a chain of boxes shifted by 2 px, each suppressing only its neighbours,
+        # in score order, so every kept box depends on the previous decision (longest chain).
+        chain = np.array([[0, 2 * i, 19, 2 * i + 19] for i in range(num)], np.float32)
+        # Problem 1: random overlapping boxes with many exact score ties.
+        ties = _random_boxes(rng, 1, num)[0]
+        # Problem 2: degenerate (inverted and zero-side) boxes mixed with duplicates.
+        degenerate = _random_boxes(rng, 1, num, max_side=3.0)[0]
+        degenerate[::3, 2] = degenerate[::3, 0] - 2.0
+        # Problem 3: duplicates of a few boxes (IoU 1 among copies).
+        copies = _random_boxes(rng, 1, 5)[0][rng.integers(0, 5, num)]
+        boxes = np.stack([chain, ties, degenerate, copies])
+        scores = np.stack([np.linspace(1.0, 0.0, num), rng.integers(0, 4, num),
+                           rng.random(num), rng.integers(0, 2, num)]).astype(np.float32)
+        valid = rng.random((batch, num)) > 0.15
+        valid[0] = True
+        xla = tf.function(nms.non_max_suppression, jit_compile=True)
+        for threshold in (0.0, 0.5, 0.75):
+            expected = [_greedy_nms(boxes[b].tolist(), scores[b].tolist(), num, threshold,
+                                    valid[b]) for b in range(batch)]
+            for max_output in (num + 5, 7):
+                for tile_size in (1, 7, 256):
+                    indices, out_valid = nms.non_max_suppression(
+                        boxes, scores, max_output, threshold, valid, tile_size=tile_size)
+                    for b in range(batch):
+                        want = expected[b][:max_output]
+                        count = len(want)
+                        with self.subTest(threshold=threshold, max_output=max_output,
+                                          tile_size=tile_size, problem=b):
+                            self.assertAllEqual(indices[b, :count], want)
+                            self.assertAllEqual(out_valid[b], np.arange(max_output) < count)
+                            self.assertAllEqual(indices[b, count:],
+                                                np.full(max_output - count, nms.PAD_INDEX))
+            xla_indices, xla_valid = xla(boxes, scores, num + 5, threshold, valid, tile_size=16)
+            self.assertAllEqual(xla_indices, nms.non_max_suppression(
+                boxes, scores, num + 5, threshold, valid)[0])
+            self.assertAllEqual(xla_valid[0], np.arange(num + 5) < len(expected[0]))
+        # The chain keeps every other box at 0.75 (shift 2 of 20: IoU 0.82 with the next).
+        self.assertEqual(len(expected[0]), (num + 1) // 2)
+
+    def test_bad_arguments(self):
+        boxes = np.zeros([1, 3, 4], np.float32)
+        with self.assertRaisesRegex(ValueError, "tile_size must be a positive int"):
+            nms.non_max_suppression(boxes, np.zeros([1, 3], np.float32), 2, 0.5, tile_size=0)
+        dynamic = tf.function(lambda b, s: nms.non_max_suppression(b, s, 2, 0.5))
+        with self.assertRaisesRegex(ValueError, "static candidate dimension N"):
+            dynamic.get_concrete_function(tf.TensorSpec([1, None, 4]), tf.TensorSpec([1, None]))
+        # No candidates at all: every slot invalid.
+        indices, valid = nms.non_max_suppression(np.zeros([2, 0, 4], np.float32),
+                                                 np.zeros([2, 0], np.float32), 3, 0.5)
+        self.assertAllEqual(indices, np.zeros([2, 3]))
+        self.assertAllEqual(valid, np.zeros([2, 3], bool))
+
 
 class BatchedPerClassNmsTest(tf.test.TestCase):
 
