@@ -85,30 +85,31 @@ def _multilevel_nms(boxes, logits, valid, nms_threshold, post_nms_top_n):
     Args:
       boxes: list over levels of [B, n_l, 4]; logits: list of [B, n_l]; valid: list of [B, n_l].
     Returns:
-      boxes [B, L * D, 4], logits [B, L * D], valid [B, L * D], level-major, each level's kept
+      boxes [B, L * D, 4], logits [B, L * D], valid [B, L * D], level after level, each level's kept
       boxes in decreasing score order, with D = min(post_nms_top_n, max n_l). A level keeps at
       most min(post_nms_top_n, n_l) boxes, as if it were suppressed alone: its padding rows
       (up to max n_l) are invalid and sort last.
     """
     num_levels = len(boxes)
     width = max(level.shape[1] for level in logits)
-    pad = lambda x, value: tf.pad(  # noqa: E731
-        x, [[0, 0], [0, width - x.shape[1]]] + [[0, 0]] * (x.shape.rank - 2),
-        constant_values=value)
-    # [L * B, n_max, ...], level-major.
-    stacked_boxes = tf.concat([pad(b, 0.0) for b in boxes], axis=0)
-    stacked_logits = tf.concat([pad(x, -float("inf")) for x in logits], axis=0)
-    stacked_valid = tf.concat([pad(v, False) for v in valid], axis=0)
+
+    def stacked(tensors, value):
+        # [B, n_l, ...] per level -> [B * L, n_max, ...], image-major (row b * L + l), so that
+        # the results reshape back to [B, L * D, ...] without a transpose: oneDNN's transpose
+        # of a bool or int tensor logs a C++ error line on some CPUs, noise in the console.
+        padded = [tf.pad(x, [[0, 0], [0, width - x.shape[1]]] + [[0, 0]] * (x.shape.rank - 2),
+                         constant_values=value) for x in tensors]
+        return tf.reshape(tf.stack(padded, axis=1), [-1] + padded[0].shape[1:].as_list())
+
+    stacked_boxes = stacked(boxes, 0.0)
+    stacked_logits = stacked(logits, -float("inf"))
     num_keep = min(post_nms_top_n, width)
     keep, keep_valid = nms.non_max_suppression(stacked_boxes, stacked_logits, num_keep,
-                                               nms_threshold, valid=stacked_valid)
+                                               nms_threshold, valid=stacked(valid, False))
 
     def per_image(x):
-        # [L * B, D, ...] -> [L, B, D, ...] -> [B, L, D, ...] -> [B, L * D, ...]
-        rest = x.shape[1:].as_list()
-        x = tf.reshape(x, [num_levels, -1] + rest)
-        x = tf.transpose(x, [1, 0] + list(range(2, x.shape.rank)))
-        return tf.reshape(x, [-1, num_levels * rest[0]] + rest[1:])
+        # [B * L, D, ...] -> [B, L * D, ...]
+        return tf.reshape(x, [-1, num_levels * num_keep] + x.shape[2:].as_list())
 
     return (per_image(tf.gather(stacked_boxes, keep, batch_dims=1)),
             per_image(tf.gather(stacked_logits, keep, batch_dims=1)), per_image(keep_valid))
