@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from bench_model import NUM_CLASSES, build_ours, ours_step_fn, synthetic_batch
+from bench_model import NUM_CLASSES, build_ours, ours_inputs, ours_step_fn, synthetic_batch
 from machine import cpu_model, package_version
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,8 +56,6 @@ def parse_args(argv):
 
 
 def make_inputs(args):
-    import tensorflow as tf
-
     data = synthetic_batch(args.batch, max(args.height, args.width), args.num_gt)
     # Crop the square synthetic batch to height x width; boxes are clipped into the crop.
     data["images"] = data["images"][:, :args.height, :args.width]
@@ -67,9 +65,7 @@ def make_inputs(args):
         real = boxes[..., 0] >= 0
         limit = [args.height - 1, args.width - 1, args.height - 1, args.width - 1]
         boxes[real] = boxes[real].clip(0, limit)
-    inputs = {k: tf.constant(v) for k, v in data.items()}
-    inputs["seed"] = tf.constant([1, 2], tf.int32)
-    return inputs
+    return ours_inputs(data)
 
 
 def time_steps(step, inputs, steps):
