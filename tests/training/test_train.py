@@ -236,7 +236,6 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertLen(lines[0]["bbox"], 12)
         self.assertLen(lines[0]["segm"], 12)
         self.assertIn("eval after epoch 2: box AP", out)
-        type(self).sync_metrics = lines
 
         # The evaluate entry on the last checkpoint reproduces the last evaluation exactly.
         metrics, results, checkpoint = evaluate.evaluate_checkpoint(model_dir)
@@ -334,11 +333,6 @@ class TrainEntryTest(tf.test.TestCase):
         return pattern
 
     def test_smoke_run_with_async_evaluation_logs_the_same_metrics_as_sync(self):
-        if not hasattr(type(self), "sync_metrics"):  # runs after the sync test (alphabetical)
-            sync_dir = os.path.join(self.create_tempdir().full_path, "sync")
-            self.run_smoke(sync_dir)
-            with open(os.path.join(sync_dir, "metrics.jsonl")) as f:
-                type(self).sync_metrics = [json.loads(line) for line in f]
         model_dir = os.path.join(self.create_tempdir().full_path, "model")
         # Also the fast COCOeval back end, scored in category shards in the worker processes.
         _, out = self.run_smoke(model_dir, "run.eval_async = True", "run.eval_processes = 2",
@@ -348,9 +342,15 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertEqual([line["epoch"] for line in lines], [1, 2])
         self.assertTrue(all(line["asynchronous"] for line in lines))
         self.assertEqual([line["coco_backend"] for line in lines], ["faster_coco_eval"] * 2)
-        self.assertEqual({line["coco_backend"] for line in type(self).sync_metrics},
-                         {"pycocotools"})
-        for sync, async_ in zip(type(self).sync_metrics, lines):
+        # The sync reference: the evaluate entry (in process, pycocotools) on this run's own
+        # epoch-end checkpoints. Not a second training run: two runs from one seed train the
+        # same weights in almost every process but not in all (README, Tests).
+        gin.clear_config()
+        runtime.parse_gin([SMOKE], self.data_bindings)
+        sync_metrics = [evaluate.evaluate_checkpoint(model_dir, os.path.join(model_dir, name))[0]
+                        for name in ("ckpt-8", "ckpt-16")]
+        self.assertEqual({metrics["coco_backend"] for metrics in sync_metrics}, {"pycocotools"})
+        for sync, async_ in zip(sync_metrics, lines):
             for iou_type in ("bbox", "segm"):  # the back ends agree to float64 rounding
                 self.assertAllClose(sync[iou_type], async_[iou_type], rtol=0, atol=1e-12)
         # TensorBoard has each result at its epoch's end step, wherever it was logged.
@@ -361,18 +361,32 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertEqual(result.failures_excluding({"eval_accuracy"}), [])
 
     def test_resume_after_sigterm_equals_the_uninterrupted_run(self):
+        # Two runs from one seed train the same weights in almost every process but not in all
+        # (README, Tests): a mismatch is run again once. A resume that restores anything
+        # wrongly (weights, optimizer slots, step, data position, sampling seed) differs in
+        # every attempt.
+        for attempt in range(2):
+            uninterrupted, resumed = self.uninterrupted_and_resumed_at(6)
+            if resumed == uninterrupted:
+                break
+            print(f"attempt {attempt + 1}: resumed {resumed} != uninterrupted {uninterrupted}")
+        self.assertEqual(resumed, uninterrupted)
+
+    def uninterrupted_and_resumed_at(self, step):
+        """Final weights' fingerprints of a whole run and of one stopped by SIGTERM after
+        `step` steps and resumed."""
         _, out = self.run_smoke(os.path.join(self.create_tempdir().full_path, "full"), NO_EVAL)
         uninterrupted = fingerprint(out)
-
         model_dir = os.path.join(self.create_tempdir().full_path, "resumed")
         with self.assertRaises(trainer_lib.Preempted) as raised:
-            self.run_smoke(model_dir, NO_EVAL, extra_callbacks=[SigtermAt(6)])
-        self.assertEqual((raised.exception.step, raised.exception.signum), (6, signal.SIGTERM))
-        self.assertTrue(os.path.exists(os.path.join(model_dir, "ckpt-6.index")))
+            self.run_smoke(model_dir, NO_EVAL, extra_callbacks=[SigtermAt(step)])
+        self.assertEqual((raised.exception.step, raised.exception.signum),
+                         (step, signal.SIGTERM))
+        self.assertTrue(os.path.exists(os.path.join(model_dir, f"ckpt-{step}.index")))
         _, out = self.run_smoke(model_dir, NO_EVAL)
         self.assertIn("resumed from", out)
-        self.assertIn("(step 6)", out)
-        self.assertEqual(fingerprint(out), uninterrupted)
+        self.assertIn(f"(step {step})", out)
+        return uninterrupted, fingerprint(out)
 
     def test_a_nan_step_before_the_first_checkpoint_is_recovered_and_the_run_completes(self):
         # Weights poisoned after step 4: step 5 fails; the only checkpoint is the initial one.
