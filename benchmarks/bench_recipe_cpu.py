@@ -157,7 +157,11 @@ def module_image_shapes(xla_dump, name_part):
             continue
         with open(path, encoding="utf-8", errors="replace") as handle:
             entry = next((line for line in handle if line.startswith("ENTRY")), "")
-        shapes[os.path.basename(path)] = sorted(set(re.findall(r"f32\[\d+,\d+,\d+,3\]", entry)))
+        # [B, H, W, 3] parameters larger than 7 x 7: the images, not the 3-channel kernels (the
+        # RPN's score kernel is [1, 1, 256, 3]; no kernel in the model is larger than 7 x 7).
+        shapes[os.path.basename(path)] = sorted(
+            {f"f32[{b},{h},{w},3]" for b, h, w in re.findall(r"f32\[(\d+),(\d+),(\d+),3\]", entry)
+             if min(int(h), int(w)) > 7})
     return shapes
 
 
