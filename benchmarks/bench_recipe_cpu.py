@@ -1,6 +1,6 @@
 """Benchmark: the MLPerf recipe itself (configs/mlperf_r50_fpn.gin) trained on this CPU at 800x1344.
 
-Exact command (from the repository root, after `make install`; about 25 minutes on 2 Intel Xeon cores)::
+Exact command (repository root, after `make install`; about 25 minutes on 2 Intel Xeon cores)::
 
     .venv/bin/python benchmarks/bench_recipe_cpu.py
 
