@@ -167,10 +167,14 @@ class TrainEntryTest(tf.test.TestCase):
         tf_keras.mixed_precision.set_global_policy("float32")
         super().tearDown()
 
-    def run_smoke(self, model_dir, *bindings, **kwargs):
-        """Runs the smoke config in this process; returns (logs, stdout)."""
+    def parse_smoke_config(self, *bindings):
+        """Makes the smoke config, on this class's data, the parsed gin config."""
         gin.clear_config()
         runtime.parse_gin([SMOKE], self.data_bindings + list(bindings))
+
+    def run_smoke(self, model_dir, *bindings, **kwargs):
+        """Runs the smoke config in this process; returns (logs, stdout)."""
+        self.parse_smoke_config(*bindings)
         stdout = io.StringIO()
         try:
             with contextlib.redirect_stdout(stdout):
@@ -345,8 +349,7 @@ class TrainEntryTest(tf.test.TestCase):
         # The sync reference: the evaluate entry (in process, pycocotools) on this run's own
         # epoch-end checkpoints. Not a second training run: two runs from one seed train the
         # same weights in almost every process but not in all (README, Tests).
-        gin.clear_config()
-        runtime.parse_gin([SMOKE], self.data_bindings)
+        self.parse_smoke_config()
         sync_metrics = [evaluate.evaluate_checkpoint(model_dir, os.path.join(model_dir, name))[0]
                         for name in ("ckpt-8", "ckpt-16")]
         self.assertEqual({metrics["coco_backend"] for metrics in sync_metrics}, {"pycocotools"})
@@ -520,8 +523,7 @@ class TrainEntryTest(tf.test.TestCase):
 
     def test_evaluate_falls_back_past_a_truncated_checkpoint_and_names_a_class_mismatch(self):
         model_dir = self.create_tempdir().full_path
-        gin.clear_config()
-        runtime.parse_gin([SMOKE], self.data_bindings)
+        self.parse_smoke_config()
         model = runtime.build_model(tf.distribute.get_strategy(), "float32")
         optimizer = optimizer_lib.build_optimizer(2)
         optimizer.build(model.trainable_variables)
