@@ -72,6 +72,10 @@ def parse_args(argv):
     parser.add_argument("--full_mask_slots", action="store_true",
                         help="also time ours with the mask head on all 128 slots per image "
                              "(mask_slot_buckets = 1), as Model Garden's")
+    parser.add_argument("--grappler_memory_optimizer", choices=("off", "on"), default="off",
+                        help="TensorFlow's Grappler memory optimizer for every variant: off as "
+                             "training runs (`run.grappler_memory_optimizer`), on as "
+                             "TensorFlow's default")
     return parser.parse_args(argv)
 
 
@@ -454,6 +458,9 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     sys.path.insert(0, REPO_ROOT)
+    from official_maskrcnn import runtime
+    runtime.set_graph_rewrites(runtime.RunSettings(
+        grappler_memory_optimizer=args.grappler_memory_optimizer == "on"))
     params = ours_params()
     flops = None
     if not args.skip_flops:

@@ -73,6 +73,7 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
         coco_metrics.check_ground_truth_file(annotations))
     label_maps.check_same(runtime.saved_label_map(checkpoint or model_dir), ground_truth_map)
     label_maps.apply_num_classes(ground_truth_map, check=False)
+    runtime.set_graph_rewrites(settings)
     strategy = runtime.build_strategy(settings)
     model = runtime.build_model(strategy, settings.precision)
     checkpoint = runtime.restore_model_weights(model, candidates)

@@ -121,6 +121,7 @@ def predict(image_paths, output_dir, checkpoint, score_threshold=0.5, max_detect
     parser = predictor_lib.eval_preprocessing()
     label_map = predictor_lib.run_label_map(checkpoint, settings.eval_annotations_file)
     inputs = image_files.check_inputs(list(image_paths), output_dir)
+    runtime.set_graph_rewrites(settings)
     model, _ = predictor_lib.restore_model(candidates, settings.precision)
     class_names, label_to_category = predictor_lib.class_maps(label_map,
                                                               model.settings.num_classes)

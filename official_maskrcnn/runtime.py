@@ -16,6 +16,8 @@ import gin
 import tensorflow as tf
 import tf_keras
 from absl import flags
+from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+from tensorflow.python.eager import context
 
 from official_maskrcnn.data import dataset_builder, label_maps
 from official_maskrcnn.evaluation import coco_eval_callback, coco_metrics, eval_summaries
@@ -63,6 +65,15 @@ class RunSettings:
       steps_per_loop: steps per host call (fewer Python round trips; signals, logs and
         step-checkpoints happen at host-call boundaries).
       jit_compile: compile the training step with XLA.
+      grappler_memory_optimizer: let TensorFlow's graph optimizer (Grappler) apply its memory
+        optimizer to what train, evaluate and predict run. Off by default: it turns a sum of
+        more than two tensors (AddN, e.g. the gradients reaching one tensor from its several
+        consumers) that it expects live at the memory peak into an accumulation in the order
+        the summands arrive, so runs from one seed trained different weights now and then
+        (about one smoke run in five on 2 busy cores) and a resumed run could not equal an
+        uninterrupted one (README, Tests). TensorFlow declares 256 MiB for a CPU device, so
+        on a CPU every real graph qualifies. Off costs time without XLA (the R-50-FPN CPU
+        step at 512 x 512: about 9 % longer, BENCHMARKS.md).
       precision: "float32", "mixed_float16" (dynamic loss scaling) or "mixed_bfloat16".
       seed: seeds initialisation, data order, flips and sampling; None draws one (logged).
       checkpoint_every_n_steps: extra checkpoints inside epochs (0: epoch ends only).
@@ -99,6 +110,7 @@ class RunSettings:
     max_steps: int = None
     steps_per_loop: int = 50
     jit_compile: bool = True
+    grappler_memory_optimizer: bool = False
     precision: str = "float32"
     seed: int = None
     checkpoint_every_n_steps: int = 0
@@ -146,6 +158,22 @@ class RunSettings:
     @property
     def eval_global_batch_size(self):
         return self.eval_batch_size or self.global_batch_size
+
+
+def set_graph_rewrites(settings):
+    """Grappler's memory optimizer on or off (`run.grappler_memory_optimizer`) for every
+    function this process instantiates from now on. A process-wide TensorFlow option that
+    `tf.config.optimizer` does not expose, so it goes into the eager context's base config."""
+    tf_context = context.context()
+    config = config_pb2.ConfigProto()
+    if tf_context._config is not None:
+        config.CopyFrom(tf_context._config)
+    rewriter = rewriter_config_pb2.RewriterConfig
+    config.graph_options.rewrite_options.memory_optimization = (
+        rewriter.DEFAULT_MEM_OPT if settings.grappler_memory_optimizer else rewriter.NO_MEM_OPT)
+    tf_context._config = config
+    # Function calls take their config from a per-thread cache built from the base config.
+    tf_context._thread_local_data.function_call_options = None
 
 
 def run_settings(**overrides):

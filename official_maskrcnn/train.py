@@ -117,6 +117,7 @@ def run(model_dir, settings=None, extra_callbacks=(), **overrides):
     """
     settings = settings or runtime.run_settings(**overrides)
     _check_files(settings)
+    runtime.set_graph_rewrites(settings)
     label_map = run_label_map(model_dir, settings)
     strategy, worker_id, num_workers = _strategy(settings)
     run_id = new_run_id()

@@ -10,8 +10,8 @@ flags.FLAGS.mark_as_parsed()
 # gave different weights on an Intel Xeon with AMX (sum|w| apart by ~1e-7 relative; neither
 # oneDNN off, intra-op 1 nor op determinism alone removed it), while with one inter-op thread
 # they are bit-identical. The test that compares a resumed run with an uninterrupted one needs the
-# same weights from the same seed (on a busy machine a run still differs now and then: README,
-# Tests).
+# same weights from the same seed (which also takes Grappler's memory optimizer off, as `train.run`
+# does by default: README, Tests).
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
 # Two logical CPU devices, so that tests can run two replicas (MirroredStrategy) on one CPU.

@@ -24,6 +24,8 @@ import pytest
 import tensorflow as tf
 import tf_keras
 from absl.testing import flagsaver
+from tensorflow.core.protobuf import rewriter_config_pb2
+from tensorflow.python.eager import context
 
 from official_maskrcnn import evaluate, runtime, train
 from official_maskrcnn.evaluation import coco_metrics
@@ -202,6 +204,10 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertIn("step 16/16 (100.0%) epoch 2", out)
         self.assertRegex(out, r"img/s \| elapsed \S+ ETA")
         self.assertEqual(len(fingerprint(out)), 1)
+        # The run took Grappler's memory optimizer off (`run.grappler_memory_optimizer`).
+        self.assertEqual(
+            tf.__internal__.eager_context.get_config().graph_options.rewrite_options
+            .memory_optimization, rewriter_config_pb2.RewriterConfig.NO_MEM_OPT)
         files = set(os.listdir(model_dir))
         self.assertContainsSubset({"operative_config.gin", "mlperf.log", "checkpoint",
                                    "ckpt-8.index", "ckpt-16.index", "train", "eval"}, files)
@@ -364,10 +370,11 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertEqual(result.failures_excluding({"eval_accuracy"}), [])
 
     def test_resume_after_sigterm_equals_the_uninterrupted_run(self):
-        # Two runs from one seed train the same weights in almost every process but not in all
-        # (README, Tests): a mismatch is run again once. A resume that restores anything
-        # wrongly (weights, optimizer slots, step, data position, sampling seed) differs in
-        # every attempt.
+        # Two runs from one seed train the same weights (one inter-op thread, Grappler's memory
+        # optimizer off: README, Tests). A mismatch is run once more and printed, so that a new
+        # source of run-to-run variation shows as a note; a resume that restores anything
+        # wrongly (weights, optimizer slots, step, data position, sampling seed) differs in both
+        # attempts.
         for attempt in range(2):
             uninterrupted, resumed = self.uninterrupted_and_resumed_at(6)
             if resumed == uninterrupted:
@@ -723,6 +730,42 @@ class TrainEntryTest(tf.test.TestCase):
                                  r"id \d+\): its image or masks do not decode \(.*JPEG")
         self.assertNotIn("Traceback", stderr)
         self.assertTrue(tf.io.gfile.exists(os.path.join(model_dir, "mlperf.log")))
+
+
+def optimized_op_types(function, *args):
+    """The op types of the graphs TensorFlow ran for one call of `function`, after Grappler."""
+    tf_context = context.context()
+    tf_context.enable_run_metadata()
+    try:
+        function(*args)
+        metadata = tf_context.export_run_metadata()
+    finally:
+        tf_context.disable_run_metadata()
+    return {node.op for graph in metadata.function_graphs
+            for node in graph.post_optimization_graph.node}
+
+
+class GraphRewritesTest(tf.test.TestCase):
+
+    def test_the_memory_optimizer_setting_decides_if_a_sum_accumulates_in_arrival_order(self):
+        self.assertIs(runtime.RunSettings().grappler_memory_optimizer, False)
+        # Four live 64 MiB summands: above 80 % of the 256 MiB TensorFlow declares for a CPU,
+        # the memory optimizer's threshold for rewriting an AddN into an accumulation into a
+        # TemporaryVariable, in the order the summands arrive.
+        values = tf.ones([16 * 1024 * 1024])
+        try:
+            for enabled in (True, False):
+                runtime.set_graph_rewrites(
+                    runtime.RunSettings(grappler_memory_optimizer=enabled))
+
+                @tf.function
+                def sum_of_four(x):
+                    return tf.reduce_sum(tf.add_n([x * float(k) for k in range(1, 5)]))
+
+                self.assertEqual("TemporaryVariable" in optimized_op_types(sum_of_four, values),
+                                 enabled)
+        finally:
+            runtime.set_graph_rewrites(runtime.RunSettings())
 
 
 class ConcurrentRunTest(tf.test.TestCase):
