@@ -1,6 +1,6 @@
-"""The entry layer: run settings from gin, the strategy rule, checkpoint resolution and restore
-errors (with the training's fallback for a folder), and the one inference preprocessing
-(`EvalParser.preprocess_image`)."""
+"""The entry layer: run settings from gin, the graph rewrites they set, the strategy rule,
+checkpoint resolution and restore errors (with the training's fallback for a folder), and the one
+inference preprocessing (`EvalParser.preprocess_image`)."""
 
 import glob
 import logging
@@ -9,6 +9,7 @@ import os
 import gin
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import context
 
 from official_maskrcnn import runtime
 from official_maskrcnn.data import decoder, parsers
@@ -78,6 +79,42 @@ class RunSettingsTest(tf.test.TestCase):
         self.assertIs(strategy, tf.distribute.get_strategy())
         two = runtime.build_strategy(runtime.run_settings(strategy="mirrored"))
         self.assertEqual(two.num_replicas_in_sync, 2)  # the two logical CPUs of conftest
+
+
+def optimized_op_types(function, *args):
+    """The op types of the graphs TensorFlow ran for one call of `function`, after Grappler."""
+    tf_context = context.context()
+    tf_context.enable_run_metadata()
+    try:
+        function(*args)
+        metadata = tf_context.export_run_metadata()
+    finally:
+        tf_context.disable_run_metadata()
+    return {node.op for graph in metadata.function_graphs
+            for node in graph.post_optimization_graph.node}
+
+
+class GraphRewritesTest(tf.test.TestCase):
+
+    def test_the_memory_optimizer_setting_decides_if_a_sum_accumulates_in_arrival_order(self):
+        self.assertIs(runtime.RunSettings().grappler_memory_optimizer, False)
+        # Four live 64 MiB summands: above 80 % of the 256 MiB TensorFlow declares for a CPU,
+        # the memory optimizer's threshold for rewriting an AddN into an accumulation into a
+        # TemporaryVariable, in the order the summands arrive.
+        values = tf.ones([16 * 1024 * 1024])
+        try:
+            for enabled in (True, False):
+                runtime.set_graph_rewrites(
+                    runtime.RunSettings(grappler_memory_optimizer=enabled))
+
+                @tf.function
+                def sum_of_four(x):
+                    return tf.reduce_sum(tf.add_n([x * float(k) for k in range(1, 5)]))
+
+                self.assertEqual("TemporaryVariable" in optimized_op_types(sum_of_four, values),
+                                 enabled)
+        finally:
+            runtime.set_graph_rewrites(runtime.RunSettings())
 
 
 class CheckpointTest(tf.test.TestCase):

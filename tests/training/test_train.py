@@ -25,7 +25,6 @@ import tensorflow as tf
 import tf_keras
 from absl.testing import flagsaver
 from tensorflow.core.protobuf import rewriter_config_pb2
-from tensorflow.python.eager import context
 
 from official_maskrcnn import evaluate, runtime, train
 from official_maskrcnn.evaluation import coco_metrics
@@ -730,42 +729,6 @@ class TrainEntryTest(tf.test.TestCase):
                                  r"id \d+\): its image or masks do not decode \(.*JPEG")
         self.assertNotIn("Traceback", stderr)
         self.assertTrue(tf.io.gfile.exists(os.path.join(model_dir, "mlperf.log")))
-
-
-def optimized_op_types(function, *args):
-    """The op types of the graphs TensorFlow ran for one call of `function`, after Grappler."""
-    tf_context = context.context()
-    tf_context.enable_run_metadata()
-    try:
-        function(*args)
-        metadata = tf_context.export_run_metadata()
-    finally:
-        tf_context.disable_run_metadata()
-    return {node.op for graph in metadata.function_graphs
-            for node in graph.post_optimization_graph.node}
-
-
-class GraphRewritesTest(tf.test.TestCase):
-
-    def test_the_memory_optimizer_setting_decides_if_a_sum_accumulates_in_arrival_order(self):
-        self.assertIs(runtime.RunSettings().grappler_memory_optimizer, False)
-        # Four live 64 MiB summands: above 80 % of the 256 MiB TensorFlow declares for a CPU,
-        # the memory optimizer's threshold for rewriting an AddN into an accumulation into a
-        # TemporaryVariable, in the order the summands arrive.
-        values = tf.ones([16 * 1024 * 1024])
-        try:
-            for enabled in (True, False):
-                runtime.set_graph_rewrites(
-                    runtime.RunSettings(grappler_memory_optimizer=enabled))
-
-                @tf.function
-                def sum_of_four(x):
-                    return tf.reduce_sum(tf.add_n([x * float(k) for k in range(1, 5)]))
-
-                self.assertEqual("TemporaryVariable" in optimized_op_types(sum_of_four, values),
-                                 enabled)
-        finally:
-            runtime.set_graph_rewrites(runtime.RunSettings())
 
 
 class ConcurrentRunTest(tf.test.TestCase):
