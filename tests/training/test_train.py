@@ -352,8 +352,9 @@ class TrainEntryTest(tf.test.TestCase):
         self.assertTrue(all(line["asynchronous"] for line in lines))
         self.assertEqual([line["coco_backend"] for line in lines], ["faster_coco_eval"] * 2)
         # The sync reference: the evaluate entry (in process, pycocotools) on this run's own
-        # epoch-end checkpoints. Not a second training run: two runs from one seed train the
-        # same weights in almost every process but not in all (README, Tests).
+        # epoch-end checkpoints: the same weights by construction, rather than a second
+        # training run that is the same only as long as runs are bit-reproducible (README,
+        # Tests).
         self.parse_smoke_config()
         sync_metrics = [evaluate.evaluate_checkpoint(model_dir, os.path.join(model_dir, name))[0]
                         for name in ("ckpt-8", "ckpt-16")]
