@@ -254,5 +254,104 @@ class MaskHeadTest(tf.test.TestCase):
         self.assertAllClose(compiled, eager, atol=0.1, rtol=0.05)
 
 
+class MaskHeadMatmulFormTest(tf.test.TestCase):
+    """conv5_mask and mask_fcn_logits run as matrix products (faster under XLA, see
+    mask_head.py): they must compute what the Keras layers compute, values and gradients."""
+
+    def _layers(self, dtype, in_channels=6, out_channels=5, num_classes=4, seed=3):
+        upsample = tf_keras.layers.Conv2DTranspose(out_channels, 2, strides=2, padding="valid",
+                                                   activation="relu", dtype=dtype)
+        logits = tf_keras.layers.Conv2D(num_classes, 1, dtype=dtype)
+        upsample.build([None, 7, 7, in_channels])
+        logits.build([None, 14, 14, out_channels])
+        rng = np.random.default_rng(seed)
+        for layer in (upsample, logits):
+            # Non-zero biases, so that a misplaced bias shows.
+            layer.set_weights([rng.normal(size=w.shape) for w in layer.get_weights()])
+        x = tf.constant(rng.normal(size=[3, 7, 7, in_channels]), dtype)
+        return upsample, logits, x
+
+    def test_values_and_gradients_equal_the_keras_layers_in_float64(self):
+        # In float64 the two orders of summation differ by ~1e-16 relative; a wrong tap, layout
+        # or bias is off by O(1).
+        upsample, logits, x = self._layers("float64")
+        weights = tf.constant(np.random.default_rng(4).normal(size=[3, 14, 14, 4]))
+
+        def both(fn_up, fn_logits):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                hidden = fn_up(x)
+                out = fn_logits(hidden)
+                loss = tf.reduce_sum(out * weights)
+            variables = upsample.trainable_variables + logits.trainable_variables
+            return [hidden, out] + tape.gradient(loss, [x] + variables)
+
+        keras = both(upsample, logits)
+        ours = both(lambda v: mask_head_lib._transposed_conv_2x2_stride_2(v, upsample),
+                    lambda v: mask_head_lib._pointwise_conv(v, logits))
+        names = ["upsampled", "logits", "d/dx", "d/d upsample kernel", "d/d upsample bias",
+                 "d/d logits kernel", "d/d logits bias"]
+        for name, got, want in zip(names, ours, keras):
+            self.assertEqual(got.shape, want.shape, name)
+            scale = float(tf.reduce_max(tf.abs(want)))
+            self.assertAllClose(got, want, atol=1e-12 * scale, rtol=1e-12, msg=name)
+
+    @staticmethod
+    def _exact_and_bound(upsample, logits, x):
+        """The logits in float64 (the Keras layers) and an elementwise bound on |float32 result
+        - float64|: an output summing n products has a float32 error of at most gamma_n =
+        n u / (1 - n u) (u = 2^-24) times the sum of the products' magnitudes (the bias's
+        rounding counted as one more term), and the upsampled values' own error passes through
+        the ReLU (1-Lipschitz) and the logits' kernel."""
+        def gamma(n):
+            return n * 2.0**-24 / (1 - n * 2.0**-24)
+
+        def float64_twin(layer, inputs, absolute=False):
+            config = {**layer.get_config(), "dtype": "float64"}
+            if absolute:
+                config["activation"] = "linear"
+            twin = layer.__class__.from_config(config)
+            twin.build(inputs.shape)
+            twin.set_weights([np.abs(w) if absolute else w for w in layer.get_weights()])
+            return twin(tf.abs(inputs) if absolute else inputs).numpy()
+
+        x = tf.cast(x, tf.float64)
+        hidden = tf.constant(float64_twin(upsample, x))
+        hidden_error = 2 * gamma(x.shape[-1] + 1) * float64_twin(upsample, x, absolute=True)
+        logits_kernel = np.abs(logits.get_weights()[0].astype(np.float64))[0, 0]
+        bound = (2 * gamma(hidden.shape[-1] + 1) * float64_twin(logits, hidden, absolute=True)
+                 + hidden_error @ logits_kernel)
+        return float64_twin(logits, hidden), bound
+
+    def test_float32_within_the_rounding_bound_eager_and_compiled(self):
+        upsample, logits, x = self._layers("float32", in_channels=64, out_channels=48)
+        exact, bound = self._exact_and_bound(upsample, logits, x)
+        # The bound is not vacuous: a wrong tap or layout is far outside it.
+        self.assertLess(np.median(bound), 1e-3 * np.median(np.abs(exact)))
+
+        def form(v):
+            return mask_head_lib._pointwise_conv(
+                mask_head_lib._transposed_conv_2x2_stride_2(v, upsample), logits)
+
+        for name, fn in (("eager", form), ("XLA", tf.function(form, jit_compile=True))):
+            error = np.abs(fn(x).numpy().astype(np.float64) - exact)
+            self.assertTrue(np.all(error <= bound), f"{name}: max error / bound "
+                            f"{np.max(error / bound):.3g}")
+
+    def test_the_head_keeps_its_variables(self):
+        # Checkpoints of the head written before the matmul form restore into it.
+        layer = mask_head_lib.MaskHead(num_classes=3, num_filters=8, name="mask_head")
+        layer(tf.zeros([1, 2, 14, 14, 4]))
+        self.assertEqual(
+            [(v.name, tuple(v.shape)) for v in layer.weights[-4:]],
+            [("mask_head/conv5_mask/kernel:0", (2, 2, 8, 8)),
+             ("mask_head/conv5_mask/bias:0", (8,)),
+             ("mask_head/mask_fcn_logits/kernel:0", (1, 1, 8, 3)),
+             ("mask_head/mask_fcn_logits/bias:0", (3,))])
+        head_without_convs = mask_head_lib.MaskHead(num_classes=2, num_convs=0, num_filters=5)
+        head_without_convs(tf.zeros([1, 1, 14, 14, 3]))
+        self.assertEqual(head_without_convs._upsample.kernel.shape, (2, 2, 5, 3))
+
+
 if __name__ == "__main__":
     tf.test.main()
