@@ -13,9 +13,10 @@ What it reports, as Markdown:
    concrete function: ops with registered flop statistics only (Conv2D / MatMul count
    2 x multiply-adds; element-wise ops one flop per element; NMS, ROIAlign gathers and
    resizes are not counted);
-3. CPU training-step seconds at 512x512, batch 2, fp32, ours vs Model Garden's Mask R-CNN (built
-   by `official.vision.modeling.factory.build_maskrcnn` from the `maskrcnn_resnetfpn_coco`
-   experiment config, set to our ROI / RPN / proposal numbers). A train step is forward + loss
+3. CPU training-step seconds at 512x512 (`--size`, or `--height` x `--width`), batch 2, fp32,
+   ours vs Model Garden's Mask R-CNN (built by `official.vision.modeling.factory.build_maskrcnn`
+   from the `maskrcnn_resnetfpn_coco` experiment config, set to our ROI / RPN / proposal
+   numbers). A train step is forward + loss
    + gradients + `tf_keras.optimizers.SGD(0.0, momentum=0.9)` apply, in one `tf.function`,
    with and without `jit_compile`. Inputs are synthetic (random images, a few random gt boxes
    with random masks per image); Model Garden's anchor targets come from its own
@@ -65,10 +66,15 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=512, help="square training image side")
+    parser.add_argument("--height", type=int, help="training image height (default --size)")
+    parser.add_argument("--width", type=int, help="training image width (default --size)")
     parser.add_argument("--num_gt", type=int, default=5, help="gt boxes per image")
     parser.add_argument("--skip_flops", action="store_true")
     parser.add_argument("--skip_mg", action="store_true", help="time ours only")
     parser.add_argument("--no_xla", action="store_true", help="skip the jit_compile variants")
+    parser.add_argument("--xla_only", action="store_true",
+                        help="only the jit_compile variants (at 800x1344 both kinds of every "
+                        "model in one process need more memory than 24 GiB)")
     parser.add_argument("--full_mask_slots", action="store_true",
                         help="also time ours with the mask head on all 128 slots per image "
                              "(mask_slot_buckets = 1), as Model Garden's")
@@ -76,7 +82,10 @@ def parse_args(argv):
                         help="TensorFlow's Grappler memory optimizer for every variant: off as "
                              "training runs (`run.grappler_memory_optimizer`), on as "
                              "TensorFlow's default")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.height = args.size if args.height is None else args.height
+    args.width = args.size if args.width is None else args.width
+    return args
 
 
 # ------------------------------------------------------------------ machine
@@ -94,21 +103,23 @@ def machine_line():
 # ------------------------------------------------------------------ synthetic data
 
 
-def synthetic_batch(batch, size, num_gt, seed=0):
-    """Random images, num_gt random boxes per image with random binary masks (numpy)."""
+def synthetic_batch(batch, size, num_gt, seed=0, width=None):
+    """Random images of size x width (width: default size), num_gt random boxes per image with
+    random binary masks (numpy)."""
+    width = size if width is None else width
     rng = np.random.default_rng(seed)
-    images = rng.uniform(-2.0, 2.0, (batch, size, size, 3)).astype(np.float32)
+    images = rng.uniform(-2.0, 2.0, (batch, size, width, 3)).astype(np.float32)
     boxes = -np.ones((batch, MAX_INSTANCES, 4), np.float32)
     classes = -np.ones((batch, MAX_INSTANCES), np.int32)
     masks = -np.ones((batch, MAX_INSTANCES, MASK_CROP, MASK_CROP), np.float32)
     for b in range(batch):
         for i in range(num_gt):
-            h, w = rng.uniform(0.15, 0.6, 2) * size
-            y0, x0 = rng.uniform(0, size - h), rng.uniform(0, size - w)
+            h, w = rng.uniform(0.15, 0.6, 2) * (size, width)
+            y0, x0 = rng.uniform(0, size - h), rng.uniform(0, width - w)
             boxes[b, i] = (y0, x0, y0 + h, x0 + w)
             classes[b, i] = rng.integers(1, NUM_CLASSES)
             masks[b, i] = (rng.uniform(size=(MASK_CROP, MASK_CROP)) > 0.5).astype(np.float32)
-    image_size = np.full((batch, 2), size, np.int32)
+    image_size = np.tile(np.array([[size, width]], np.int32), (batch, 1))
     # The boxes are drawn as continuous corners, so each mask crop's extent is its box.
     return {"images": images, "image_size": image_size, "gt_boxes": boxes,
             "gt_classes": classes, "gt_masks": masks, "gt_mask_boxes": boxes.copy()}
@@ -179,13 +190,13 @@ def inference_flops():
 # ------------------------------------------------------------------ Model Garden model
 
 
-def mg_config(size):
+def mg_config(height, width):
     from official.core import exp_factory
 
     config = exp_factory.get_exp_config("maskrcnn_resnetfpn_coco")
     model = config.task.model
     model.num_classes = NUM_CLASSES
-    model.input_size = [size, size, 3]
+    model.input_size = [height, width, 3]
     model.norm_activation.use_sync_bn = False
     model.roi_sampler.num_sampled_rois = SETTINGS["roi_num_samples"]
     model.roi_sampler.foreground_fraction = SETTINGS["roi_fg_fraction"]
@@ -302,9 +313,9 @@ def make_variants(args):
     import tensorflow as tf
     from official.vision.tasks import maskrcnn as mg_task
 
-    data = synthetic_batch(args.batch, args.size, args.num_gt)
+    data = synthetic_batch(args.batch, args.height, args.num_gt, width=args.width)
     inputs = ours_inputs(data)
-    jits = (False,) if args.no_xla else (False, True)
+    jits = (False,) if args.no_xla else (True,) if args.xla_only else (False, True)
     variants = []
     for jit in jits:
         step = ours_step_fn(build_ours(), jit)
@@ -314,7 +325,7 @@ def make_variants(args):
             variants.append({"name": f"ours, all mask slots, jit_compile={jit}", "step": step,
                              "inputs": inputs})
     if not args.skip_mg:
-        config = mg_config(args.size)
+        config = mg_config(args.height, args.width)
         task = mg_task.MaskRCNNTask(config.task)
         mg_inputs = (tf.constant(data["images"]), mg_labels(config, data))
         for jit in jits:
@@ -386,7 +397,7 @@ def ratio_lines(variants):
 
 def step_table(variants, args):
     lines = [
-        f"CPU training step, {args.size}x{args.size}, batch {args.batch}, fp32, {args.num_gt} "
+        f"CPU training step, {args.height}x{args.width}, batch {args.batch}, fp32, {args.num_gt} "
         f"random gt boxes + masks per image; {args.steps} timed steps per repeat, median of "
         f"{args.repeats} interleaved repeats; compile = first (untimed) call incl. tracing.",
         "",

@@ -18,7 +18,12 @@ losses, gradients and an SGD update in one `tf.function`). It reports, as Markdo
    of wall time;
 3. the sequential work: every `tf.while_loop` the step runs, with its trip count per step
    (measured: executions of its body's ops in the trace, divided by the steps), and the `while`
-   instructions of the XLA-compiled step's HLO (`experimental_get_compiler_ir`).
+   instructions of the XLA-compiled step's HLO (`experimental_get_compiler_ir`);
+4. with XLA, from a trace of the compiled step: the time of the HLO instructions XLA:CPU's
+   thunk executor traces (fusions, copies, reduce-windows, sorts, ...), by model stage (each
+   instruction mapped to the TensorFlow op in its metadata) and by instruction kind.
+   Convolutions and matrix products run as asynchronous Eigen tasks whose events only cover
+   their dispatch, so their time is in the untraced remainder the report states.
 """
 
 import argparse
@@ -79,8 +84,8 @@ def time_steps(step, inputs, steps):
     return times
 
 
-def trace_events(step, inputs, steps):
-    """[(op name, op type, seconds)] of the kernels run by `steps` steps under tf.profiler."""
+def _trace(step, inputs, steps):
+    """The tf.profiler XSpace of `steps` calls of `step`."""
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
@@ -96,20 +101,117 @@ def trace_events(step, inputs, steps):
             space.ParseFromString(handle.read())
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
-    events = []
+    return space
+
+
+def _compute_lines(space, prefix):
+    """(plane, line) of the host lines whose name starts with `prefix`."""
     for plane in space.planes:
-        if plane.name != "/host:CPU":
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("tf_Compute"):
-                continue  # the executor threads; Eigen's pool threads carry no op names
-            for event in line.events:
-                label = plane.event_metadata[event.metadata_id].name
-                if "::" in label or ":" not in label:
-                    continue  # executor bookkeeping, not a kernel
-                name, op_type = label.rsplit(":", 1)
-                events.append((name, op_type, event.duration_ps * 1e-12))
+        if plane.name == "/host:CPU":
+            for line in plane.lines:
+                if line.name.startswith(prefix):
+                    yield plane, line
+
+
+def trace_events(step, inputs, steps):
+    """[(op name, op type, seconds)] of the kernels run by `steps` steps under tf.profiler."""
+    events = []
+    # The executor threads; Eigen's pool threads carry no op names.
+    for plane, line in _compute_lines(_trace(step, inputs, steps), "tf_Compute"):
+        for event in line.events:
+            label = plane.event_metadata[event.metadata_id].name
+            if "::" in label or ":" not in label:
+                continue  # executor bookkeeping, not a kernel
+            name, op_type = label.rsplit(":", 1)
+            events.append((name, op_type, event.duration_ps * 1e-12))
     return events
+
+
+def xla_trace_events(step, inputs, steps):
+    """[(HLO instruction name, self seconds)] of the XLA-compiled step's thunks under
+    tf.profiler. XLA:CPU's thunk executor runs on Eigen's pool threads and traces every
+    instruction it executes (fusions, copies, reduce-windows, sorts, ...) as an event named
+    after the instruction; an event's self time excludes the events nested in it. Wrapper
+    events (the executor itself, `call` thunks of parallelised loops) are not listed, their
+    self time is scheduling."""
+    events = []
+    for plane, line in _compute_lines(_trace(step, inputs, steps), "tf_numa"):
+        spans = sorted(((event.offset_ps, event.duration_ps,
+                         plane.event_metadata[event.metadata_id].name) for event in line.events),
+                       key=lambda span: (span[0], -span[1]))
+        nested = [0] * len(spans)
+        open_spans = []
+        for index, (start, duration, _) in enumerate(spans):
+            while open_spans and sum(spans[open_spans[-1]][:2]) <= start:
+                open_spans.pop()
+            if open_spans:
+                nested[open_spans[-1]] += duration
+            open_spans.append(index)
+        for (_, duration, name), inner in zip(spans, nested):
+            if not name.startswith(("ThunkExecutor", "call.")):
+                events.append((name, (duration - inner) * 1e-12))
+    return events
+
+
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
+_HLO_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = ")
+_HLO_CALLS = re.compile(r"(?:calls|to_apply)=%([\w.\-]+)")
+_HLO_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_HLO_OPERAND = re.compile(r"%([\w.\-]+)")
+
+
+def hlo_op_names(hlo_text):
+    """{HLO instruction name: the TensorFlow op it comes from} of an optimized HLO module.
+    An instruction without metadata (most fusions, and the `.clone`s of parallelised loops)
+    takes the op of the last instruction with one in the computation it calls; failing that,
+    the op of the instruction that calls its own computation, or of its first operand (a
+    layout copy has the op of the tensor it copies)."""
+    own, calls, operands, parent, caller = {}, {}, {}, {}, {}
+    bodies = collections.defaultdict(list)
+    computation = None
+    for text in hlo_text.splitlines():
+        match = _HLO_COMPUTATION.match(text)
+        if match:
+            computation = match.group(1)
+            continue
+        match = _HLO_INSTRUCTION.match(text)
+        if not match:
+            continue
+        name = match.group(1)
+        bodies[computation].append(name)
+        parent[name] = computation
+        op_name = _HLO_OP_NAME.search(text)
+        if op_name:
+            own[name] = op_name.group(1)
+        calls[name] = _HLO_CALLS.findall(text)
+        for called in calls[name]:
+            caller.setdefault(called, name)
+        arguments = text[match.end():].split("(", 1)
+        operands[name] = _HLO_OPERAND.findall(arguments[1].split(")", 1)[0]) if len(
+            arguments) > 1 else []
+
+    resolved = {}
+
+    def resolve(name, depth=0):
+        if name in resolved or depth > 12:
+            return resolved.get(name)
+        resolved[name] = own.get(name)  # also marks the instruction as being resolved
+        candidates = [inner for called in calls.get(name, ())
+                      for inner in reversed(bodies.get(called, ()))]
+        candidates += [caller[parent[name]]] if parent.get(name) in caller else []
+        candidates += operands.get(name, [])[:1]
+        for candidate in candidates if resolved[name] is None else ():
+            if resolve(candidate, depth + 1):
+                resolved[name] = resolved[candidate]
+                break
+        return resolved[name]
+
+    return {name: resolve(name) for name in calls}
+
+
+def hlo_kind(name):
+    """'transpose_copy_fusion.3.clone' -> 'transpose_copy_fusion'."""
+    return re.sub(r"(\.clone|\.\d+)+$", "", name)
 
 
 def stage_of(name, stages):
@@ -147,6 +249,36 @@ def loop_trip_counts(events, steps):
 def hlo_while_count(step, inputs):
     hlo = step.experimental_get_compiler_ir(inputs)(stage="hlo")
     return len(re.findall(r"\bwhile\(", hlo))
+
+
+def xla_report(args, xla_times, xla_events, op_names, stages):
+    """Markdown lines: where the XLA step's traced time goes, by stage and by HLO kind."""
+    traced = sum(seconds for _, seconds in xla_events)
+    wall = statistics.median(xla_times)
+    threads = len(os.sched_getaffinity(0))
+    by_stage, by_kind, by_instruction = (collections.Counter() for _ in range(3))
+    for name, seconds in xla_events:
+        op_name = op_names.get(name)
+        by_stage[stage_of(op_name, stages) if op_name else "(no TF op)"] += seconds
+        by_kind[hlo_kind(name)] += seconds
+        by_instruction[name, op_name] += seconds
+    steps = args.steps
+    lines = ["", f"XLA step, traced HLO instructions: {traced / steps:.2f} s per step of the "
+             f"{wall:.2f} s wall x {threads} threads = {wall * threads:.2f} thread-s. The rest "
+             "is work XLA:CPU hands to Eigen as tasks without trace events (convolutions and "
+             "matrix products run asynchronously; their events only cover the dispatch) and "
+             "idle threads.", "", "| stage (XLA) | traced s / step | share of traced |",
+             "|---|---:|---:|"]
+    for stage, seconds in by_stage.most_common():
+        lines.append(f"| {stage} | {seconds / steps:.3f} | {100 * seconds / traced:.1f} % |")
+    lines += ["", "| HLO instruction kind | traced s / step | share of traced |",
+              "|---|---:|---:|"]
+    for kind, seconds in by_kind.most_common(args.top):
+        lines.append(f"| `{kind}` | {seconds / steps:.3f} | {100 * seconds / traced:.1f} % |")
+    lines += ["", "| largest HLO instructions | TF op | traced s / step |", "|---|---|---:|"]
+    for (name, op_name), seconds in by_instruction.most_common(args.top):
+        lines.append(f"| `{name}` | `{op_name}` | {seconds / steps:.3f} |")
+    return lines
 
 
 def report(args, times, events, stages, xla_times, xla_whiles):
@@ -194,11 +326,16 @@ def main(argv=None):
     stages.update(getattr(maskrcnn_model, "STAGE_SCOPES", ()))
     events = trace_events(step, inputs, args.steps)
     xla_times = xla_whiles = None
+    xla_lines = []
     if not args.no_xla:
         xla_step = ours_step_fn(build_ours(), jit=True)
         xla_times = time_steps(xla_step, inputs, args.steps)
         xla_whiles = hlo_while_count(xla_step, inputs)
-    print(report(args, times, events, stages, xla_times, xla_whiles))
+        op_names = hlo_op_names(
+            xla_step.experimental_get_compiler_ir(inputs)(stage="optimized_hlo"))
+        xla_lines = xla_report(args, xla_times, xla_trace_events(xla_step, inputs, args.steps),
+                               op_names, stages)
+    print("\n".join([report(args, times, events, stages, xla_times, xla_whiles)] + xla_lines))
     return 0
 
 

@@ -139,7 +139,7 @@ def _pointwise_conv(x, layer):
     """
     kernel = tf.cast(layer.kernel, x.dtype)
     in_channels, out_channels = kernel.shape[2], kernel.shape[3]
-    y = tf.matmul(tf.reshape(x, [-1, in_channels]), tf.reshape(kernel, [in_channels,
-                                                                          out_channels]))
+    kernel = tf.reshape(kernel, [in_channels, out_channels])
+    y = tf.matmul(tf.reshape(x, [-1, in_channels]), kernel)
     y = tf.reshape(y, [-1, *x.shape[1:3], out_channels])
     return layer.activation(tf.nn.bias_add(y, tf.cast(layer.bias, x.dtype)))
