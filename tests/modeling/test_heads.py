@@ -12,6 +12,7 @@ from official_maskrcnn.modeling.heads import box_head as box_head_lib
 from official_maskrcnn.modeling.heads import mask_head as mask_head_lib
 from official_maskrcnn.modeling.heads import rpn_head as rpn_head_lib
 from official_maskrcnn.ops import anchors as anchors_lib
+from tests import numerics
 
 MIXED = tf_keras.mixed_precision.Policy("mixed_bfloat16")
 
@@ -255,83 +256,57 @@ class MaskHeadTest(tf.test.TestCase):
 
 
 class MaskHeadMatmulFormTest(tf.test.TestCase):
-    """conv5_mask and mask_fcn_logits run as matrix products (faster under XLA, see
-    mask_head.py): they must compute what the Keras layers compute, values and gradients."""
+    """conv5_mask runs as a matrix product and a depth-to-space (faster under XLA, see
+    mask_head.py): it must compute what the Keras layer computes, values and gradients."""
 
-    def _layers(self, dtype, in_channels=6, out_channels=5, num_classes=4, seed=3):
+    def _layer(self, dtype, in_channels=6, out_channels=5, seed=3):
         upsample = tf_keras.layers.Conv2DTranspose(out_channels, 2, strides=2, padding="valid",
                                                    activation="relu", dtype=dtype)
-        logits = tf_keras.layers.Conv2D(num_classes, 1, dtype=dtype)
         upsample.build([None, 7, 7, in_channels])
-        logits.build([None, 14, 14, out_channels])
         rng = np.random.default_rng(seed)
-        for layer in (upsample, logits):
-            # Non-zero biases, so that a misplaced bias shows.
-            layer.set_weights([rng.normal(size=w.shape) for w in layer.get_weights()])
+        # Non-zero biases, so that a misplaced bias shows.
+        upsample.set_weights([rng.normal(size=w.shape) for w in upsample.get_weights()])
         x = tf.constant(rng.normal(size=[3, 7, 7, in_channels]), dtype)
-        return upsample, logits, x
+        return upsample, x
 
-    def test_values_and_gradients_equal_the_keras_layers_in_float64(self):
+    def test_values_and_gradients_equal_the_keras_layer_in_float64(self):
         # In float64 the two orders of summation differ by ~1e-16 relative; a wrong tap, layout
         # or bias is off by O(1).
-        upsample, logits, x = self._layers("float64")
-        weights = tf.constant(np.random.default_rng(4).normal(size=[3, 14, 14, 4]))
+        upsample, x = self._layer("float64")
+        upstream = tf.constant(np.random.default_rng(4).normal(size=[3, 14, 14, 5]))
 
-        def both(fn_up, fn_logits):
+        def values_and_gradients(fn):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                hidden = fn_up(x)
-                out = fn_logits(hidden)
-                loss = tf.reduce_sum(out * weights)
-            variables = upsample.trainable_variables + logits.trainable_variables
-            return [hidden, out] + tape.gradient(loss, [x] + variables)
+                out = fn(x)
+                loss = tf.reduce_sum(out * upstream)
+            return [out] + tape.gradient(loss, [x] + upsample.trainable_variables)
 
-        keras = both(upsample, logits)
-        ours = both(lambda v: mask_head_lib._transposed_conv_2x2_stride_2(v, upsample),
-                    lambda v: mask_head_lib._pointwise_conv(v, logits))
-        names = ["upsampled", "logits", "d/dx", "d/d upsample kernel", "d/d upsample bias",
-                 "d/d logits kernel", "d/d logits bias"]
-        for name, got, want in zip(names, ours, keras):
+        keras = values_and_gradients(upsample)
+        ours = values_and_gradients(
+            lambda v: mask_head_lib._transposed_conv_2x2_stride_2(v, upsample))
+        for name, got, want in zip(["upsampled", "d/dx", "d/dkernel", "d/dbias"], ours, keras):
             self.assertEqual(got.shape, want.shape, name)
             scale = float(tf.reduce_max(tf.abs(want)))
             self.assertAllClose(got, want, atol=1e-12 * scale, rtol=1e-12, msg=name)
 
-    @staticmethod
-    def _exact_and_bound(upsample, logits, x):
-        """The logits in float64 (the Keras layers) and an elementwise bound on |float32 result
-        - float64|: an output summing n products has a float32 error of at most gamma_n =
-        n u / (1 - n u) (u = 2^-24) times the sum of the products' magnitudes (the bias's
-        rounding counted as one more term), and the upsampled values' own error passes through
-        the ReLU (1-Lipschitz) and the logits' kernel."""
-        def gamma(n):
-            return n * 2.0**-24 / (1 - n * 2.0**-24)
-
-        def float64_twin(layer, inputs, absolute=False):
-            config = {**layer.get_config(), "dtype": "float64"}
-            if absolute:
-                config["activation"] = "linear"
-            twin = layer.__class__.from_config(config)
-            twin.build(inputs.shape)
-            twin.set_weights([np.abs(w) if absolute else w for w in layer.get_weights()])
-            return twin(tf.abs(inputs) if absolute else inputs).numpy()
-
-        x = tf.cast(x, tf.float64)
-        hidden = tf.constant(float64_twin(upsample, x))
-        hidden_error = 2 * gamma(x.shape[-1] + 1) * float64_twin(upsample, x, absolute=True)
-        logits_kernel = np.abs(logits.get_weights()[0].astype(np.float64))[0, 0]
-        bound = (2 * gamma(hidden.shape[-1] + 1) * float64_twin(logits, hidden, absolute=True)
-                 + hidden_error @ logits_kernel)
-        return float64_twin(logits, hidden), bound
-
     def test_float32_within_the_rounding_bound_eager_and_compiled(self):
-        upsample, logits, x = self._layers("float32", in_channels=64, out_channels=48)
-        exact, bound = self._exact_and_bound(upsample, logits, x)
+        upsample, x = self._layer("float32", in_channels=64, out_channels=48)
+        twin = tf_keras.layers.Conv2DTranspose.from_config(
+            {**upsample.get_config(), "dtype": "float64"})
+        twin.build(x.shape)
+        twin.set_weights(upsample.get_weights())
+        exact = twin(tf.cast(x, tf.float64)).numpy()
+        # Each output sums 64 products and a bias; the ReLU is 1-Lipschitz.
+        twin.activation = tf_keras.activations.linear
+        twin.set_weights([np.abs(w) for w in twin.get_weights()])
+        bound = numerics.sum_of_products_bound(twin(tf.abs(tf.cast(x, tf.float64))), 65)
+        positive = exact > 0
         # The bound is not vacuous: a wrong tap or layout is far outside it.
-        self.assertLess(np.median(bound), 1e-3 * np.median(np.abs(exact)))
+        self.assertLess(np.median(bound), 1e-3 * np.median(exact[positive]))
 
         def form(v):
-            return mask_head_lib._pointwise_conv(
-                mask_head_lib._transposed_conv_2x2_stride_2(v, upsample), logits)
+            return mask_head_lib._transposed_conv_2x2_stride_2(v, upsample)
 
         for name, fn in (("eager", form), ("XLA", tf.function(form, jit_compile=True))):
             error = np.abs(fn(x).numpy().astype(np.float64) - exact)

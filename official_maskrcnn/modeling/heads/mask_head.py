@@ -9,14 +9,14 @@ the caller picks the ground-truth or predicted class.
     x = relu(conv_transpose2x2_stride2(x))  (conv5_mask)  [B * R, 2M, 2M, F]
     mask_logits = conv1x1_K(x)  (mask_fcn_logits)      [B, R, 2M, 2M, K]
 
-conv5_mask and mask_fcn_logits are Keras `Conv2DTranspose` / `Conv2D` layers (their variables,
-names and initialisation), but their arithmetic is written as matrix products: a 2x2 stride-2
-transposed convolution does not overlap, so it is one [B*R*M*M, F] x [F, 4F] product and a
-depth-to-space; a 1x1 convolution is a [B*R*4M*M, F] x [F, K] product. Same sums, but XLA:CPU
-compiles the transposed convolution to a dilated convolution (2.1 s of a 9-13 s step at
-512x512, batch 2, all 128 mask slots) and the 1x1 convolution's weight gradient to two
-transposed copies of [B*R, 28, 28, 256] activations (~1 s); as products the compiled step is
-~8 % faster (BENCHMARKS.md, "The training step ... with XLA"), and the graph without XLA the same.
+conv5_mask is a Keras `Conv2DTranspose` (its variables, names and initialisation) whose
+arithmetic is written as a matrix product: a 2x2 stride-2 transposed convolution does not
+overlap, so it is one [B*R*M*M, F] x [F, 4F] product and a depth-to-space. mask_fcn_logits is
+a `PointwiseConv2D` (a 1x1 convolution as a [B*R*4M*M, F] x [F, K] product). Same sums, but
+XLA:CPU compiles the transposed convolution to a dilated convolution (2.1 s of a 9-13 s step
+at 512x512, batch 2, all 128 mask slots) and the weight gradients of both to transposed copies
+of [B*R, 28, 28, 256] activations (~1 s); as products the compiled step was ~8 % faster
+(BENCHMARKS.md, "The XLA step profiled"), and the graph without XLA the same.
 
 Initialisation (maskrcnn-benchmark): mask_fcn1..4 by `make_conv3x3` (make_layers.py, default
 kaiming_init=True): `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, bias 0;
@@ -32,6 +32,7 @@ import tensorflow as tf
 import tf_keras
 
 from official_maskrcnn.modeling.coco_classes import NUM_CLASSES_COCO
+from official_maskrcnn.modeling.layers.pointwise_conv import PointwiseConv2D
 
 
 def msra_fill():
@@ -66,19 +67,17 @@ class MaskHead(tf_keras.layers.Layer):
         self._upsample = tf_keras.layers.Conv2DTranspose(
             num_filters, 2, strides=2, padding="valid", activation="relu",
             kernel_initializer=msra_fill(), name="conv5_mask", **common)
-        self._logits = tf_keras.layers.Conv2D(num_classes, 1, kernel_initializer=msra_fill(),
-                                              name="mask_fcn_logits", **common)
+        self._logits = PointwiseConv2D(num_classes, kernel_initializer=msra_fill(),
+                                       name="mask_fcn_logits", **common)
 
     def build(self, input_shape):
-        """Builds conv5_mask and mask_fcn_logits, which `call` does not call (see the module
-        docstring), under their own name scopes: the same variables as calling them."""
+        """Builds conv5_mask, which `call` does not call (see the module docstring), under its
+        own name scope: the same variables as calling it."""
         size, channels = input_shape[-2], input_shape[-1]
         if self._num_convs:
             channels = self._num_filters
         with tf.name_scope(self._upsample.name):
             self._upsample.build(tf.TensorShape([None, size, size, channels]))
-        with tf.name_scope(self._logits.name):
-            self._logits.build(tf.TensorShape([None, 2 * size, 2 * size, self._num_filters]))
         super().build(input_shape)
 
     def call(self, roi_features):
@@ -94,8 +93,7 @@ class MaskHead(tf_keras.layers.Layer):
         x = tf.reshape(roi_features, [-1, *roi_features.shape[2:]])  # [B * R, M, M, F]
         for conv in self._convs:
             x = conv(x)
-        x = _pointwise_conv(_transposed_conv_2x2_stride_2(x, self._upsample),
-                            self._logits)  # [B * R, 2M, 2M, K]
+        x = self._logits(_transposed_conv_2x2_stride_2(x, self._upsample))  # [B*R, 2M, 2M, K]
         x = tf.reshape(x, [batch, num_rois, *x.shape[1:]])
         return tf.cast(x, tf.float32)
 
@@ -125,21 +123,4 @@ def _transposed_conv_2x2_stride_2(x, layer):
     y = tf.reshape(y, [-1, size, size, 2, 2, out_channels])  # [N, i, j, a, b, F']
     y = tf.transpose(y, [0, 1, 3, 2, 4, 5])  # [N, i, a, j, b, F']
     y = tf.reshape(y, [-1, 2 * size, 2 * size, out_channels])
-    return layer.activation(tf.nn.bias_add(y, tf.cast(layer.bias, x.dtype)))
-
-
-def _pointwise_conv(x, layer):
-    """`layer(x)` of a built 1x1 `Conv2D(K, 1)`, as a matrix product.
-
-    Args:
-      x: [N, H, W, F] features.
-      layer: the Keras layer (its kernel [1, 1, F, K], bias [K] and activation).
-    Returns:
-      [N, H, W, K] activation(x . kernel + bias).
-    """
-    kernel = tf.cast(layer.kernel, x.dtype)
-    in_channels, out_channels = kernel.shape[2], kernel.shape[3]
-    kernel = tf.reshape(kernel, [in_channels, out_channels])
-    y = tf.matmul(tf.reshape(x, [-1, in_channels]), kernel)
-    y = tf.reshape(y, [-1, *x.shape[1:3], out_channels])
     return layer.activation(tf.nn.bias_add(y, tf.cast(layer.bias, x.dtype)))
