@@ -16,9 +16,9 @@ What it reports, as Markdown:
 3. CPU training-step seconds at 512x512 (`--size`, or `--height` x `--width`), batch 2, fp32,
    ours vs Model Garden's Mask R-CNN (built by `official.vision.modeling.factory.build_maskrcnn`
    from the `maskrcnn_resnetfpn_coco` experiment config, set to our ROI / RPN / proposal
-   numbers). A train step is forward + loss
-   + gradients + `tf_keras.optimizers.SGD(0.0, momentum=0.9)` apply, in one `tf.function`,
-   with and without `jit_compile`. Inputs are synthetic (random images, a few random gt boxes
+   numbers). A train step is forward + loss + gradients +
+   `tf_keras.optimizers.SGD(0.0, momentum=0.9)` apply, in one `tf.function`, with and without
+   `jit_compile`. Inputs are synthetic (random images, a few random gt boxes
    with random masks per image); Model Garden's anchor targets come from its own
    `official.vision.ops.anchor.RpnAnchorLabeler`, built outside the timed step. Each variant
    is compiled by one untimed call (the compile time reported), then `--steps` steps are timed

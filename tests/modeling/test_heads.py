@@ -323,6 +323,24 @@ class MaskHeadMatmulFormTest(tf.test.TestCase):
              ("mask_head/conv5_mask/bias:0", (8,)),
              ("mask_head/mask_fcn_logits/kernel:0", (1, 1, 8, 3)),
              ("mask_head/mask_fcn_logits/bias:0", (3,))])
+        # And a seed draws the initial weights it drew when calling the layers built them
+        # (3x3 convs, then conv5_mask, then the logits): seeded runs start where they did.
+        tf_keras.utils.set_random_seed(11)
+        head = mask_head_lib.MaskHead(num_classes=3, num_convs=2, num_filters=8)
+        head(tf.zeros([1, 2, 14, 14, 4]))
+        tf_keras.utils.set_random_seed(11)
+        def init():  # a fresh initializer per layer, as the head's
+            return dict(kernel_initializer=mask_head_lib.msra_fill(), bias_initializer="zeros")
+
+        layers = [tf_keras.layers.Conv2D(8, 3, padding="same", **init()),
+                  tf_keras.layers.Conv2D(8, 3, padding="same", **init()),
+                  tf_keras.layers.Conv2DTranspose(8, 2, strides=2, **init()),
+                  tf_keras.layers.Conv2D(3, 1, **init())]
+        x = tf.zeros([2, 14, 14, 4])
+        for layer in layers:
+            x = layer(x)
+        for got, want in zip(head.weights, [w for layer in layers for w in layer.weights]):
+            self.assertAllEqual(got, want, msg=got.name)
         head_without_convs = mask_head_lib.MaskHead(num_classes=2, num_convs=0, num_filters=5)
         head_without_convs(tf.zeros([1, 1, 14, 14, 3]))
         self.assertEqual(head_without_convs._upsample.kernel.shape, (2, 2, 5, 3))

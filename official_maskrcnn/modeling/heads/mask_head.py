@@ -15,8 +15,8 @@ overlap, so it is one [B*R*M*M, F] x [F, 4F] product and a depth-to-space. mask_
 a `PointwiseConv2D` (a 1x1 convolution as a [B*R*4M*M, F] x [F, K] product). Same sums, but
 XLA:CPU compiles the transposed convolution to a dilated convolution (2.1 s of a 9-13 s step
 at 512x512, batch 2, all 128 mask slots) and the weight gradients of both to transposed copies
-of [B*R, 28, 28, 256] activations (~1 s); as products the compiled step was ~8 % faster
-(BENCHMARKS.md, "The XLA step profiled"), and the graph without XLA the same.
+of [B*R, 28, 28, 256] activations (~1 s); as products the compiled step at 512x512 was ~8 %
+faster (BENCHMARKS.md, "The XLA step profiled"), the graph without XLA unchanged.
 
 Initialisation (maskrcnn-benchmark): mask_fcn1..4 by `make_conv3x3` (make_layers.py, default
 kaiming_init=True): `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, bias 0;
@@ -72,9 +72,12 @@ class MaskHead(tf_keras.layers.Layer):
 
     def build(self, input_shape):
         """Builds conv5_mask, which `call` does not call (see the module docstring), under its
-        own name scope: the same variables as calling it."""
+        own name scope: the same variables as calling it. The 3x3 convs are built first, so
+        that the initialisers draw in the order they did when `call` built every layer."""
         size, channels = input_shape[-2], input_shape[-1]
-        if self._num_convs:
+        for conv in self._convs:
+            with tf.name_scope(conv.name):
+                conv.build(tf.TensorShape([None, size, size, channels]))
             channels = self._num_filters
         with tf.name_scope(self._upsample.name):
             self._upsample.build(tf.TensorShape([None, size, size, channels]))
