@@ -328,10 +328,11 @@ class MaskHeadMatmulFormTest(tf.test.TestCase):
         tf_keras.utils.set_random_seed(11)
         head = mask_head_lib.MaskHead(num_classes=3, num_convs=2, num_filters=8)
         head(tf.zeros([1, 2, 14, 14, 4]))
-        tf_keras.utils.set_random_seed(11)
+
         def init():  # a fresh initializer per layer, as the head's
             return dict(kernel_initializer=mask_head_lib.msra_fill(), bias_initializer="zeros")
 
+        tf_keras.utils.set_random_seed(11)
         layers = [tf_keras.layers.Conv2D(8, 3, padding="same", **init()),
                   tf_keras.layers.Conv2D(8, 3, padding="same", **init()),
                   tf_keras.layers.Conv2DTranspose(8, 2, strides=2, **init()),
