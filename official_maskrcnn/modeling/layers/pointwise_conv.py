@@ -8,8 +8,8 @@ Why: XLA:CPU computes a convolution's weight gradient as a convolution with the 
 channel axes swapped, which needs a physically transposed copy of the layer's input; on the
 ResNet-50-FPN step at 800x1344 those copies of the blocks' outputs were about 7 of the 11
 traced seconds of the compiled step (BENCHMARKS.md). A matrix product's weight gradient is a
-product with a transposed operand, which Eigen takes without a copy. Without XLA the product
-runs on the same oneDNN / MKL kernels family and costs about the same.
+product with a transposed operand, which Eigen takes without a copy: the compiled step at
+800x1344 took 31 % less time; without XLA no difference was measurable.
 """
 
 import tensorflow as tf
