@@ -9,7 +9,9 @@ channel axes swapped, which needs a physically transposed copy of the layer's in
 ResNet-50-FPN step at 800x1344 those copies of the blocks' outputs were about 7 of the 11
 traced seconds of the compiled step (BENCHMARKS.md). A matrix product's weight gradient is a
 product with a transposed operand, which Eigen takes without a copy: the compiled step at
-800x1344 took 31 % less time; without XLA no difference was measurable.
+800x1344 took 31 % less time; without XLA no difference was measurable. Not used by the model
+yet: the matmul form of the mask head made a smoke run print a oneDNN C++ error line
+(BENCHMARKS.md), to be understood before wiring this in.
 """
 
 import tensorflow as tf
