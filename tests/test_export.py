@@ -19,6 +19,7 @@ import gin
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+from pycocotools import mask as mask_util
 
 from official_maskrcnn import export, predict
 from official_maskrcnn.inference import image_files
@@ -328,9 +329,16 @@ class ExportTest(tf.test.TestCase):
         counts = [len(e["results"]) for e in self.expected]
         self.assertEqual([r["image_id"] for r in results],
                          [i for i, n in zip(ids, counts) for _ in range(n)])
-        same_masks = sum(a["segmentation"] == b["segmentation"]
-                         for a, b in zip(results, expected))
-        self.assertGreaterEqual(same_masks, 0.99 * len(expected))
+        # The same masks up to float rounding: the two graphs may round a logit differently
+        # (oneDNN picks kernels per shape), which flips a pixel whose probability is within
+        # rounding of 0.5 and so changes that mask's RLE string (one pixel in ~30k, seen on a
+        # few of 400 masks). The criterion of `assert_matches_in_framework`: <= 1e-4 of pixels.
+        differing = sum(int((mask_util.decode(a["segmentation"])
+                             != mask_util.decode(b["segmentation"])).sum())
+                        for a, b in zip(results, expected)
+                        if a["segmentation"] != b["segmentation"])
+        pixels = sum(int(np.prod(b["segmentation"]["size"])) for b in expected)
+        self.assertLessEqual(differing, 1e-4 * pixels, f"{differing} of {pixels} mask pixels")
         for got, want in zip(results, expected):
             self.assertEqual(got["category_id"], want["category_id"])
             self.assertAllClose(got["bbox"], want["bbox"], atol=1e-3, rtol=0)

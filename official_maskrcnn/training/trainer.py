@@ -298,6 +298,9 @@ class Trainer:
             grads = self.optimizer.get_unscaled_gradients(grads)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
         losses = {key: losses[key] for key in ALL_LOSSES}
+        # Grappler moves this elementwise check before the Reshape / Transpose a gradient ends
+        # in: a layer whose kernel gradient ends in a Transpose makes it a bool Transpose, which
+        # oneDNN reports as a C++ error line (see mask_head._transposed_conv_2x2_stride_2).
         losses["gradients_finite"] = tf.cast(
             tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
         return losses, grads

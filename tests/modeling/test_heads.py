@@ -12,8 +12,10 @@ from official_maskrcnn.modeling.heads import box_head as box_head_lib
 from official_maskrcnn.modeling.heads import mask_head as mask_head_lib
 from official_maskrcnn.modeling.heads import rpn_head as rpn_head_lib
 from official_maskrcnn.ops import anchors as anchors_lib
+from tests import numerics
 
 MIXED = tf_keras.mixed_precision.Policy("mixed_bfloat16")
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
 def _random(shape, seed=0):
@@ -178,7 +180,8 @@ class BoxHeadTest(tf.test.TestCase):
         for dense, fan_in in ((layer._fc6, 7 * 7 * 256), (layer._fc7, 1024)):
             kernel = dense.kernel.numpy()
             bound = np.sqrt(3.0 / fan_in)  # kaiming_uniform_(a=1)
-            self.assertLessEqual(np.abs(kernel).max(), bound)
+            # The initializer's float32 limit and scaling round twice: 2 float32 ulps over.
+            self.assertLessEqual(np.abs(kernel).max(), bound * (1 + 2 * FLOAT32_EPS))
             self.assertAllClose(kernel.std(), bound / np.sqrt(3.0), rtol=0.02)
         self.assertAllClose(layer._cls_score.kernel.numpy().std(), 0.01, rtol=0.05)
         self.assertAllClose(layer._bbox_pred.kernel.numpy().std(), 0.001, rtol=0.05)
@@ -252,6 +255,124 @@ class MaskHeadTest(tf.test.TestCase):
         # As for the box head (bfloat16 rounding of every layer's output in eager), over six
         # layers; seen 0.025 at most.
         self.assertAllClose(compiled, eager, atol=0.1, rtol=0.05)
+
+
+class MaskHeadMatmulFormTest(tf.test.TestCase):
+    """conv5_mask runs as a matrix product and a depth-to-space (faster under XLA, see
+    mask_head.py): it must compute what the Keras layer computes, values and gradients."""
+
+    def _layer(self, dtype, in_channels=6, out_channels=5, seed=3):
+        upsample = tf_keras.layers.Conv2DTranspose(out_channels, 2, strides=2, padding="valid",
+                                                   activation="relu", dtype=dtype)
+        upsample.build([None, 7, 7, in_channels])
+        rng = np.random.default_rng(seed)
+        # Non-zero biases, so that a misplaced bias shows.
+        upsample.set_weights([rng.normal(size=w.shape) for w in upsample.get_weights()])
+        x = tf.constant(rng.normal(size=[3, 7, 7, in_channels]), dtype)
+        return upsample, x
+
+    def test_values_and_gradients_equal_the_keras_layer_in_float64(self):
+        # In float64 the two orders of summation differ by ~1e-16 relative; a wrong tap, layout
+        # or bias is off by O(1).
+        upsample, x = self._layer("float64")
+        upstream = tf.constant(np.random.default_rng(4).normal(size=[3, 14, 14, 5]))
+
+        def values_and_gradients(fn):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                out = fn(x)
+                loss = tf.reduce_sum(out * upstream)
+            return [out] + tape.gradient(loss, [x] + upsample.trainable_variables)
+
+        keras = values_and_gradients(upsample)
+        ours = values_and_gradients(
+            lambda v: mask_head_lib._transposed_conv_2x2_stride_2(v, upsample))
+        for name, got, want in zip(["upsampled", "d/dx", "d/dkernel", "d/dbias"], ours, keras):
+            self.assertEqual(got.shape, want.shape, name)
+            scale = float(tf.reduce_max(tf.abs(want)))
+            self.assertAllClose(got, want, atol=1e-12 * scale, rtol=1e-12, msg=name)
+
+    def test_float32_within_the_rounding_bound_eager_and_compiled(self):
+        upsample, x = self._layer("float32", in_channels=64, out_channels=48)
+        twin = tf_keras.layers.Conv2DTranspose.from_config(
+            {**upsample.get_config(), "dtype": "float64"})
+        twin.build(x.shape)
+        twin.set_weights(upsample.get_weights())
+        exact = twin(tf.cast(x, tf.float64)).numpy()
+        # Each output sums 64 products and a bias; the ReLU is 1-Lipschitz.
+        twin.activation = tf_keras.activations.linear
+        twin.set_weights([np.abs(w) for w in twin.get_weights()])
+        bound = numerics.sum_of_products_bound(twin(tf.abs(tf.cast(x, tf.float64))), 65)
+        positive = exact > 0
+        # The bound is not vacuous: a wrong tap or layout is far outside it.
+        self.assertLess(np.median(bound), 1e-3 * np.median(exact[positive]))
+
+        def form(v):
+            return mask_head_lib._transposed_conv_2x2_stride_2(v, upsample)
+
+        for name, fn in (("eager", form), ("XLA", tf.function(form, jit_compile=True))):
+            error = np.abs(fn(x).numpy().astype(np.float64) - exact)
+            self.assertTrue(np.all(error <= bound), f"{name}: max error / bound "
+                            f"{np.max(error / bound):.3g}")
+
+    def test_no_gradient_of_a_variable_ends_in_a_transpose(self):
+        # The trainer checks `is_finite` on every gradient; grappler's arithmetic optimizer moves
+        # that elementwise check before the value-preserving ops the gradient ends in, and a
+        # bool Transpose makes oneDNN log a C++ error line on every training run.
+        head = mask_head_lib.MaskHead(num_classes=3, num_filters=8)
+        features = tf.random.normal([1, 2, 14, 14, 4])
+        head(features)
+
+        @tf.function
+        def gradients():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(head(features))
+            return tape.gradient(loss, head.trainable_variables)
+
+        graph = gradients.get_concrete_function().graph
+        outputs = graph.outputs
+        self.assertLen(outputs, len(head.trainable_variables))
+        value_preserving = {"Reshape", "Identity", "Cast", "Transpose", "Squeeze", "ExpandDims"}
+        for variable, output in zip(head.trainable_variables, outputs):
+            ops, op = [], output.op
+            while op.type in value_preserving:
+                ops.append(op.type)
+                op = op.inputs[0].op
+            self.assertNotIn("Transpose", ops, variable.name)
+            self.assertNotIn(op.type, value_preserving, variable.name)
+
+    def test_the_head_keeps_its_variables(self):
+        # Checkpoints of the head written before the matmul form restore into it.
+        layer = mask_head_lib.MaskHead(num_classes=3, num_filters=8, name="mask_head")
+        layer(tf.zeros([1, 2, 14, 14, 4]))
+        self.assertEqual(
+            [(v.name, tuple(v.shape)) for v in layer.weights[-4:]],
+            [("mask_head/conv5_mask/kernel:0", (2, 2, 8, 8)),
+             ("mask_head/conv5_mask/bias:0", (8,)),
+             ("mask_head/mask_fcn_logits/kernel:0", (1, 1, 8, 3)),
+             ("mask_head/mask_fcn_logits/bias:0", (3,))])
+        # And a seed draws the initial weights it drew when calling the layers built them
+        # (3x3 convs, then conv5_mask, then the logits): seeded runs start where they did.
+        tf_keras.utils.set_random_seed(11)
+        head = mask_head_lib.MaskHead(num_classes=3, num_convs=2, num_filters=8)
+        head(tf.zeros([1, 2, 14, 14, 4]))
+
+        def init():  # a fresh initializer per layer, as the head's
+            return dict(kernel_initializer=mask_head_lib.msra_fill(), bias_initializer="zeros")
+
+        tf_keras.utils.set_random_seed(11)
+        layers = [tf_keras.layers.Conv2D(8, 3, padding="same", **init()),
+                  tf_keras.layers.Conv2D(8, 3, padding="same", **init()),
+                  tf_keras.layers.Conv2DTranspose(8, 2, strides=2, **init()),
+                  tf_keras.layers.Conv2D(3, 1, **init())]
+        x = tf.zeros([2, 14, 14, 4])
+        for layer in layers:
+            x = layer(x)
+        for got, want in zip(head.weights, [w for layer in layers for w in layer.weights]):
+            self.assertAllEqual(got, want, msg=got.name)
+        head_without_convs = mask_head_lib.MaskHead(num_classes=2, num_convs=0, num_filters=5)
+        head_without_convs(tf.zeros([1, 1, 14, 14, 3]))
+        self.assertEqual(head_without_convs._upsample.kernel.shape, (2, 2, 5, 3))
 
 
 if __name__ == "__main__":

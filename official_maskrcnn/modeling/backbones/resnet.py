@@ -23,6 +23,7 @@ import tensorflow as tf
 import tf_keras
 
 from official_maskrcnn.modeling.layers.frozen_batch_norm import FrozenBatchNorm
+from official_maskrcnn.modeling.layers.pointwise_conv import PointwiseConv2D
 
 # depth -> (block type, blocks per stage res2..res5).
 RESNET_SPECS = {
@@ -59,8 +60,10 @@ def make_norm(norm, name):
 
 
 def make_conv(filters, kernel_size, strides, name):
-    """A bias-free 'valid' Conv2D; the caller pads with `symmetric_pad` (torch semantics)."""
-    return tf_keras.layers.Conv2D(
+    """A bias-free 'valid' Conv2D; the caller pads with `symmetric_pad` (torch semantics). A 1x1
+    conv is a `PointwiseConv2D` (a matrix product, the same variables; faster under XLA)."""
+    conv_class = PointwiseConv2D if kernel_size == 1 else tf_keras.layers.Conv2D
+    return conv_class(
         filters, kernel_size, strides=strides, padding="valid", use_bias=False,
         # MSRAFill / kaiming_normal(mode='fan_out'), used when not loading pretrained weights.
         kernel_initializer=tf_keras.initializers.VarianceScaling(

@@ -20,6 +20,8 @@ which is `VarianceScaling(scale=1, mode="fan_in", distribution="uniform")`; bias
 import tensorflow as tf
 import tf_keras
 
+from official_maskrcnn.modeling.layers.pointwise_conv import PointwiseConv2D
+
 # Backbone levels the reference's R-50-FPN reads (C2..C5); P6 is added on top.
 DEFAULT_MIN_LEVEL = 2
 DEFAULT_MAX_LEVEL = 5
@@ -72,8 +74,8 @@ class FPN(tf_keras.layers.Layer):
         self._levels = [str(level) for level in range(min_level, max_level + 1)]
         conv_args = dict(use_bias=True, bias_initializer="zeros", dtype=self.dtype_policy)
         self._lateral_convs = {
-            level: tf_keras.layers.Conv2D(num_filters, 1, kernel_initializer=kaiming_uniform_a1(),
-                                          name=f"lateral_{level}", **conv_args)
+            level: PointwiseConv2D(num_filters, kernel_initializer=kaiming_uniform_a1(),
+                                   name=f"lateral_{level}", **conv_args)
             for level in self._levels}
         self._output_convs = {
             level: tf_keras.layers.Conv2D(num_filters, 3, padding="same",

@@ -22,6 +22,7 @@ biases 0.
 import tensorflow as tf
 import tf_keras
 
+from official_maskrcnn.modeling.layers.pointwise_conv import PointwiseConv2D
 from official_maskrcnn.ops import anchors as anchors_lib
 
 NUM_ANCHORS_PER_LOCATION = len(anchors_lib.ASPECT_RATIOS)
@@ -45,7 +46,8 @@ class RPNHead(tf_keras.layers.Layer):
         self._num_filters = num_filters
 
         def conv(filters, kernel_size, name):
-            return tf_keras.layers.Conv2D(
+            conv_class = PointwiseConv2D if kernel_size == 1 else tf_keras.layers.Conv2D
+            return conv_class(
                 filters, kernel_size, padding="same",
                 kernel_initializer=tf_keras.initializers.RandomNormal(stddev=RPN_INIT_STDDEV),
                 bias_initializer="zeros", dtype=self.dtype_policy, name=name)
