@@ -85,10 +85,10 @@ def evaluate_checkpoint(model_dir, checkpoint=None, settings=None):
     postprocessor = evaluator_lib.PostProcessor(annotations, settings.eval_processes,
                                                 settings.coco_backend)
     try:
-        metrics, results = postprocessor.run(outputs)
+        metrics, columns = postprocessor.run(outputs)
     finally:
         postprocessor.close()
-    return metrics, results, checkpoint
+    return metrics, columns.to_dicts(), checkpoint
 
 
 def write_outputs(model_dir, checkpoint, metrics, results):

@@ -22,11 +22,13 @@ import types
 
 import numpy as np
 
+from official_maskrcnn.evaluation import coco_metrics
 from official_maskrcnn.evaluation.mask_pasting import (  # noqa: F401 (re-exported)
     MASK_PADDING,
     encode_masks,
     expanded_int_boxes,
     paste_masks,
+    pasted_rle_counts,
     pasted_rles,
 )
 from official_maskrcnn.ops.conventions import TO_REMOVE
@@ -82,15 +84,103 @@ def coco_boxes(boxes_xyxy):
         [boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2] + TO_REMOVE], axis=1)
 
 
-def _image_results(outputs, index, label_to_category, mask_threshold, include_masks):
-    """COCO result dicts of image `index` of the batched outputs."""
+class ResultColumns:
+    """COCO results held as columns, in result order: what crosses between processes (a few
+    arrays and one list of strings pickle and load several times faster than as many dicts)
+    and what the post-processor returns. `to_dicts()` gives the `COCO.loadRes` list.
+
+    Attributes (n results):
+      image_ids: [n] int64 COCO image ids.
+      category_ids: [n] int64 COCO category ids.
+      boxes: [n, 4] float32 COCO [x, y, w, h] in original pixels.
+      scores: [n] float32.
+      mask_sizes: [n, 2] int64 (H, W) of each mask's image, or None (results without masks).
+      mask_counts: list of n compressed RLE 'counts' strings, or None (without masks).
+    """
+
+    def __init__(self, image_ids, category_ids, boxes, scores, mask_sizes=None,
+                 mask_counts=None):
+        self.image_ids = np.asarray(image_ids, np.int64).reshape(-1)
+        self.category_ids = np.asarray(category_ids, np.int64).reshape(-1)
+        self.boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        self.scores = np.asarray(scores, np.float32).reshape(-1)
+        if (mask_sizes is None) != (mask_counts is None):
+            raise ValueError("mask_sizes and mask_counts go together (both or neither)")
+        self.mask_sizes = (None if mask_sizes is None else
+                           np.asarray(mask_sizes, np.int64).reshape(-1, 2))
+        self.mask_counts = None if mask_counts is None else list(mask_counts)
+        lengths = {len(self.image_ids), len(self.category_ids), len(self.boxes),
+                   len(self.scores)}
+        if self.has_masks:
+            lengths |= {len(self.mask_sizes), len(self.mask_counts)}
+        if len(lengths) != 1:
+            raise ValueError(f"result columns of different lengths: {sorted(lengths)}")
+
+    @classmethod
+    def empty(cls, include_masks=True):
+        masks = (np.zeros([0, 2], np.int64), []) if include_masks else (None, None)
+        return cls(np.zeros([0], np.int64), np.zeros([0], np.int64), np.zeros([0, 4], np.float32),
+                   np.zeros([0], np.float32), *masks)
+
+    @property
+    def has_masks(self):
+        return self.mask_counts is not None
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    @classmethod
+    def concatenate(cls, parts, include_masks=True):
+        """The results of `parts` one after the other (no parts: empty, with masks or not)."""
+        parts = list(parts)
+        if not parts:
+            return cls.empty(include_masks)
+        with_masks = {part.has_masks for part in parts}
+        if len(with_masks) != 1:
+            raise ValueError("cannot join result columns with and without masks")
+        masks = (None, None)
+        if parts[0].has_masks:
+            masks = (np.concatenate([part.mask_sizes for part in parts]),
+                     [counts for part in parts for counts in part.mask_counts])
+        return cls(np.concatenate([part.image_ids for part in parts]),
+                   np.concatenate([part.category_ids for part in parts]),
+                   np.concatenate([part.boxes for part in parts]),
+                   np.concatenate([part.scores for part in parts]), *masks)
+
+    def take(self, positions):
+        """The results at `positions` (int array), in that order."""
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        masks = (None, None)
+        if self.has_masks:
+            masks = (self.mask_sizes[positions],
+                     [self.mask_counts[i] for i in positions.tolist()])
+        return ResultColumns(self.image_ids[positions], self.category_ids[positions],
+                             self.boxes[positions], self.scores[positions], *masks)
+
+    def to_dicts(self):
+        """[{image_id, category_id, bbox [x, y, w, h], score[, segmentation {size: [H, W],
+        counts: str}]}]: Python ints and floats (the float32 values exactly), JSON-ready."""
+        results = [{"image_id": image_id, "category_id": category_id, "bbox": box,
+                    "score": score}
+                   for image_id, category_id, box, score in zip(
+                       self.image_ids.tolist(), self.category_ids.tolist(),
+                       self.boxes.tolist(), self.scores.tolist())]
+        if self.has_masks:
+            for result, size, counts in zip(results, self.mask_sizes.tolist(),
+                                            self.mask_counts):
+                result["segmentation"] = {"size": size, "counts": counts}
+        return results
+
+
+def _image_columns(outputs, index, label_to_category, mask_threshold, include_masks):
+    """ResultColumns of image `index` of the batched outputs (None: no result)."""
     if "is_valid" in outputs and not bool(outputs["is_valid"][index]):
-        return []
+        return None
     classes = np.asarray(outputs["detection_classes"][index]).astype(np.int64)
     num = min(int(outputs["num_detections"][index]), classes.shape[0])
     keep = np.flatnonzero(classes[:num] != BACKGROUND_LABEL)
     if keep.size == 0:
-        return []
+        return None
     image_id = int(outputs["source_id"][index])
     unknown = sorted(set(classes[keep].tolist()) - set(label_to_category))
     if unknown:
@@ -98,18 +188,26 @@ def _image_results(outputs, index, label_to_category, mask_threshold, include_ma
                          f"category (the label map has labels 1..{max(label_to_category)})")
     boxes_xyxy = original_boxes_xyxy(outputs["detection_boxes"][index][keep],
                                      outputs["scale"][index])
-    coco_boxes_xywh = coco_boxes(boxes_xyxy)
-    scores = np.asarray(outputs["detection_scores"][index][keep], np.float32)
-    results = [{"image_id": image_id, "category_id": int(label_to_category[label]),
-                "bbox": [float(v) for v in box], "score": float(score)}
-               for label, box, score in zip(classes[keep].tolist(), coco_boxes_xywh, scores)]
+    masks = (None, None)
     if include_masks:
-        height, width = outputs["original_size"][index]
-        rles = pasted_rles(outputs["detection_masks"][index][keep], boxes_xyxy, height, width,
-                           mask_threshold)
-        for result, rle in zip(results, rles):
-            result["segmentation"] = rle
-    return results
+        height, width = (int(v) for v in outputs["original_size"][index])
+        counts = pasted_rle_counts(outputs["detection_masks"][index][keep], boxes_xyxy, height,
+                                   width, mask_threshold)
+        masks = (np.tile(np.array([height, width], np.int64), (keep.size, 1)), counts)
+    return ResultColumns(np.full(keep.size, image_id, np.int64),
+                         [label_to_category[label] for label in classes[keep].tolist()],
+                         coco_boxes(boxes_xyxy), outputs["detection_scores"][index][keep],
+                         *masks)
+
+
+def detections_to_columns(outputs, label_to_category, mask_threshold=0.5, include_masks=True):
+    """`detections_to_coco`'s results as `ResultColumns` (same arguments, same order)."""
+    # No BLAS and no threads here (the paster is single-threaded C): a core kept busy by
+    # training cannot stall it beyond its own share (BLAS threads once made it 60x slower).
+    parts = [_image_columns(outputs, index, label_to_category, mask_threshold, include_masks)
+             for index in range(len(outputs["source_id"]))]
+    return ResultColumns.concatenate([part for part in parts if part is not None],
+                                     include_masks)
 
 
 def detections_to_coco(outputs, label_to_category, mask_threshold=0.5, include_masks=True):
@@ -133,13 +231,15 @@ def detections_to_coco(outputs, label_to_category, mask_threshold=0.5, include_m
     Raises:
       ValueError: a valid detection's label has no COCO category.
     """
-    results = []
-    # No BLAS and no threads here (the paster is single-threaded C): a core kept busy by
-    # training cannot stall it beyond its own share (BLAS threads once made it 60x slower).
-    for index in range(len(outputs["source_id"])):
-        results.extend(_image_results(outputs, index, label_to_category, mask_threshold,
-                                      include_masks))
-    return results
+    return detections_to_columns(outputs, label_to_category, mask_threshold,
+                                 include_masks).to_dicts()
+
+
+def accumulate_columns(annotations_file, columns, image_ids, category_ids, iou_types, backend):
+    """`coco_metrics.accumulate` of results given as `ResultColumns` (a worker's part of the
+    scoring: the dicts are built here, not in the process that sent the columns)."""
+    return coco_metrics.accumulate(annotations_file, columns.to_dicts(), image_ids,
+                                   category_ids, iou_types, backend)
 
 
 def _split(outputs, num_chunks):
@@ -194,15 +294,21 @@ class ResultConverter:
 
     def convert(self, outputs, label_to_category, mask_threshold=0.5, include_masks=True):
         """Same arguments and result (same order) as `detections_to_coco`."""
+        return self.convert_columns(outputs, label_to_category, mask_threshold,
+                                    include_masks).to_dicts()
+
+    def convert_columns(self, outputs, label_to_category, mask_threshold=0.5,
+                        include_masks=True):
+        """Same arguments and results (same order) as `detections_to_columns`."""
         if self._executor is None:
-            return detections_to_coco(outputs, label_to_category, mask_threshold, include_masks)
+            return detections_to_columns(outputs, label_to_category, mask_threshold,
+                                         include_masks)
         chunks = _split(outputs, self.num_processes * self.chunks_per_process)
-        futures = [self._executor.submit(detections_to_coco, chunk, label_to_category,
+        futures = [self._executor.submit(detections_to_columns, chunk, label_to_category,
                                          mask_threshold, include_masks) for chunk in chunks]
-        results = []
-        for future in futures:  # submission order = image order
-            results.extend(future.result())
-        return results
+        # Submission order = image order.
+        return ResultColumns.concatenate([future.result() for future in futures],
+                                         include_masks)
 
     def submit(self, fn, *args):
         """Runs fn(*args) in a worker; returns a future."""

@@ -111,43 +111,42 @@ def cyclic_gc_paused():
             gc.enable()
 
 
-def _score(converter, results, annotations_file, image_ids, backend):
-    """COCO metrics of `results`. With worker processes, COCOeval runs in the workers in
-    category shards of similar work (`coco_metrics.category_shards`), joined by
-    `coco_metrics.summarize`: the same stats as one COCOeval, bit for bit. This process only
-    splits and joins (its heap, with TensorFlow's objects, is the slowest place for COCOeval's
-    many small Python objects)."""
-    if converter.num_processes <= 1 or not results:
-        return coco_metrics.evaluate(annotations_file, results, image_ids=image_ids,
+def _score(converter, columns, annotations_file, image_ids, backend):
+    """COCO metrics of `columns` (`coco_results.ResultColumns`). With worker processes,
+    COCOeval runs in the workers in category shards of similar work
+    (`coco_metrics.category_shards`), joined by `coco_metrics.summarize`: the same stats as one
+    COCOeval, bit for bit. This process only splits the columns and joins the shards' arrays
+    (its heap, with TensorFlow's objects, is the slowest place for COCOeval's many small Python
+    objects; the result dicts are built in the workers)."""
+    if converter.num_processes <= 1 or not len(columns):
+        return coco_metrics.evaluate(annotations_file, columns.to_dicts(), image_ids=image_ids,
                                      backend=backend)
     ground_truth = coco_metrics.load_ground_truth(annotations_file, backend)
-    shards = coco_metrics.category_shards(ground_truth, [r["category_id"] for r in results],
+    shards = coco_metrics.category_shards(ground_truth, columns.category_ids.tolist(),
                                           converter.num_processes)
-    shard_of = {category: index for index, shard in enumerate(shards) for category in shard}
-    shard_results = [[] for _ in shards]
-    for result in results:
-        # Every result's category is in a shard, one the ground truth lacks too: that shard's
-        # check names it.
-        shard_results[shard_of[result["category_id"]]].append(result)
-    futures = [converter.submit(coco_metrics.accumulate, annotations_file, part, image_ids,
-                                shard, coco_metrics.IOU_TYPES, backend)
-               for shard, part in zip(shards, shard_results)]
+    # Every result's category is in a shard, one the ground truth lacks too: that shard's
+    # check names it.
+    futures = [converter.submit(coco_results.accumulate_columns, annotations_file,
+                                columns.take(np.flatnonzero(np.isin(columns.category_ids,
+                                                                    shard))),
+                                image_ids, shard, coco_metrics.IOU_TYPES, backend)
+               for shard in shards]
     return coco_metrics.summarize([future.result() for future in futures],
                                   coco_metrics.IOU_TYPES, backend)
 
 
 def _postprocess(converter, outputs, label_to_category, annotations_file, image_ids, backend):
-    """Outputs -> COCO results (pasting masks in the converter's processes, images split
-    between them) -> metrics (`_score`)."""
+    """Outputs -> COCO results as columns (pasting masks in the converter's processes, images
+    split between them) -> metrics (`_score`)."""
     start = time.perf_counter()
     with cyclic_gc_paused():
-        results = converter.convert(outputs, label_to_category)
+        columns = converter.convert_columns(outputs, label_to_category)
         convert_seconds = time.perf_counter() - start
-        metrics = _score(converter, results, annotations_file, image_ids, backend)
+        metrics = _score(converter, columns, annotations_file, image_ids, backend)
     metrics["seconds"] = {"convert": convert_seconds, "total": time.perf_counter() - start}
     metrics["coco_backend"] = backend
     metrics["num_images"] = len(image_ids)  # COCOeval's imgIds: the images the outputs hold
-    return metrics, results
+    return metrics, columns
 
 
 class PostProcessor:
@@ -178,14 +177,14 @@ class PostProcessor:
 
     def submit(self, outputs):
         """Starts post-processing `outputs` (see `Evaluator.predict`); returns a future of
-        (metrics, results)."""
+        (metrics, results as `coco_results.ResultColumns`; `.to_dicts()` for the list)."""
         image_ids = sorted(int(i) for i in outputs["source_id"])
         return self._background.submit(_postprocess, self._converter, outputs,
                                        self.label_to_category, self.annotations_file, image_ids,
                                        self.backend)
 
     def run(self, outputs):
-        """Post-processes now: (metrics, results)."""
+        """Post-processes now: (metrics, `coco_results.ResultColumns`)."""
         return self.submit(outputs).result()
 
     def close(self):

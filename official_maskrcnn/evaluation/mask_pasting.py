@@ -78,16 +78,27 @@ def pasted_masks(masks, boxes_xyxy, image_height, image_width, threshold=0.5):
     Raises:
       ValueError: masks not [T, M, M], boxes not [T, 4], or an image side < 1.
     """
+    height, width = int(image_height), int(image_width)
+    return [PastedMask({"size": [height, width], "counts": counts}, area, bbox)
+            for counts, area, bbox in _paste(masks, boxes_xyxy, height, width, threshold)]
+
+
+def _paste(masks, boxes_xyxy, height, width, threshold):
+    """The C paster's [(counts, area, bbox)] of `pasted_masks`' arguments (checked here)."""
     masks = np.ascontiguousarray(masks, np.float32)
     if masks.ndim != 3 or masks.shape[1] != masks.shape[2]:
         raise ValueError(f"masks should be [T, M, M], found shape {masks.shape}")
     boxes = np.ascontiguousarray(expanded_int_boxes(boxes_xyxy, masks.shape[1]), np.int64)
     if boxes.shape[0] != masks.shape[0]:
         raise ValueError(f"{masks.shape[0]} masks but {boxes.shape[0]} boxes")
-    height, width = int(image_height), int(image_width)
-    return [PastedMask({"size": [height, width], "counts": counts}, area, bbox)
-            for counts, area, bbox in _native().paste_rles(masks, boxes, height, width,
-                                                           float(threshold))]
+    return _native().paste_rles(masks, boxes, height, width, float(threshold))
+
+
+def pasted_rle_counts(masks, boxes_xyxy, image_height, image_width, threshold=0.5):
+    """The 'counts' strings of `pasted_rles(...)` (each mask's RLE is {'size': [H, W],
+    'counts': that string}), without a dict per detection. Same arguments as `paste_masks`."""
+    return [counts for counts, _, _ in _paste(masks, boxes_xyxy, int(image_height),
+                                              int(image_width), threshold)]
 
 
 def rle_areas_and_boxes(rles):

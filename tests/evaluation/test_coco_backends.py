@@ -204,7 +204,8 @@ class PostProcessorBackendTest(tf.test.TestCase):
             for processes in (1, 2):
                 post = evaluator_lib.PostProcessor(COCO128_JSON, processes, backend)
                 try:
-                    metrics, results = post.run(outputs)
+                    metrics, columns = post.run(outputs)
+                    results = columns.to_dicts()
                     if processes == 2:  # scoring segm did not pull TensorFlow into a worker
                         self.assertFalse(post._converter.submit(eval, TENSORFLOW_LOADED).result())
                 finally:

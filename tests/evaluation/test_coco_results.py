@@ -225,6 +225,81 @@ class DetectionsToCocoTest(tf.test.TestCase):
             coco_results.detections_to_coco(self._one_image(), {1: 1, 2: 2})
 
 
+class ResultColumnsTest(tf.test.TestCase):
+    """The columns between processes hold exactly the results `detections_to_coco` gives."""
+
+    def setUp(self):
+        super().setUp()
+        self.outputs = random_outputs(np.random.default_rng(5), num_images=6, num_slots=9)
+        self.label_map = {1: 3, 2: 7, 3: 11}
+        self.columns = coco_results.detections_to_columns(self.outputs, self.label_map)
+        self.dicts = coco_results.detections_to_coco(self.outputs, self.label_map)
+
+    def test_the_dicts_of_the_columns_are_the_results(self):
+        self.assertNotEmpty(self.dicts)
+        self.assertLen(self.columns, len(self.dicts))
+        results = self.columns.to_dicts()
+        self.assertEqual(results, self.dicts)
+        # Built independently: each result from its image's slots, in slot order.
+        expected = []
+        for index in range(6):
+            classes = self.outputs["detection_classes"][index]
+            for slot in range(int(self.outputs["num_detections"][index])):
+                if classes[slot]:
+                    box = self.outputs["detection_boxes"][index][slot] / np.float32(1.5)
+                    expected.append((index + 1, self.label_map[int(classes[slot])],
+                                     [float(box[1]), float(box[0]),
+                                      float(np.float32(box[3] - box[1] + 1)),
+                                      float(np.float32(box[2] - box[0] + 1))],
+                                     float(self.outputs["detection_scores"][index][slot])))
+        self.assertEqual([(r["image_id"], r["category_id"], r["bbox"], r["score"])
+                          for r in results], expected)
+        self.assertTrue(all(type(r["image_id"]) is int and type(r["score"]) is float
+                            and r["segmentation"]["size"] == [60, 80] for r in results))
+        json.dumps(results)  # JSON-ready: no numpy scalars
+
+    def test_take_and_concatenate(self):
+        positions = np.flatnonzero(np.isin(self.columns.category_ids, [3, 11]))
+        part = self.columns.take(positions)
+        self.assertEqual(part.to_dicts(), [r for r in self.dicts if r["category_id"] != 7])
+        rest = self.columns.take(np.flatnonzero(self.columns.category_ids == 7))
+        joined = coco_results.ResultColumns.concatenate([part, rest])
+        self.assertCountEqual([json.dumps(r) for r in joined.to_dicts()],
+                              [json.dumps(r) for r in self.dicts])
+        self.assertEqual(coco_results.ResultColumns.concatenate([]).to_dicts(), [])
+        self.assertEqual(self.columns.take([]).to_dicts(), [])
+        without = coco_results.detections_to_columns(self.outputs, self.label_map,
+                                                     include_masks=False)
+        self.assertFalse(without.has_masks)
+        self.assertEqual(without.to_dicts(), coco_results.detections_to_coco(
+            self.outputs, self.label_map, include_masks=False))
+        with self.assertRaisesRegex(ValueError, "with and without masks"):
+            coco_results.ResultColumns.concatenate([self.columns, without])
+
+    def test_inconsistent_columns_are_refused(self):
+        with self.assertRaisesRegex(ValueError, r"different lengths: \[1, 2\]"):
+            coco_results.ResultColumns([1, 2], [1, 1], np.zeros([2, 4]), [0.5])
+        with self.assertRaisesRegex(ValueError, "both or neither"):
+            coco_results.ResultColumns([1], [1], np.zeros([1, 4]), [0.5], mask_sizes=[[2, 2]])
+
+    def test_accumulate_columns_equals_accumulate_of_the_dicts(self):
+        from official_maskrcnn.evaluation import coco_metrics
+        ground_truth = coco_metrics.load_ground_truth(COCO128_JSON)
+        image_ids = sorted(ground_truth.getImgIds())[:6]
+        categories = sorted(ground_truth.getCatIds())
+        label_map = {1: categories[0], 2: categories[1], 3: categories[2]}
+        outputs = dict(self.outputs, source_id=np.array(image_ids))
+        columns = coco_results.detections_to_columns(outputs, label_map)
+        shard = categories[:2]
+        got = coco_results.accumulate_columns(COCO128_JSON, columns, image_ids, shard,
+                                              coco_metrics.IOU_TYPES, "pycocotools")
+        want = coco_metrics.accumulate(COCO128_JSON, columns.to_dicts(), image_ids, shard)
+        self.assertEqual(got["category_ids"], want["category_ids"])
+        for iou_type in coco_metrics.IOU_TYPES:
+            for key in ("precision", "recall"):
+                self.assertAllEqual(got[iou_type][key], want[iou_type][key])
+
+
 class ParallelConversionTest(tf.test.TestCase):
 
     def test_processes_match_serial(self):
@@ -235,6 +310,7 @@ class ParallelConversionTest(tf.test.TestCase):
         self.assertEqual(coco_results.convert_in_processes(outputs, label_map, 1), serial)
         with coco_results.ResultConverter(2, chunks_per_process=2) as converter:
             self.assertEqual(converter.convert(outputs, label_map), serial)
+            self.assertEqual(converter.convert_columns(outputs, label_map).to_dicts(), serial)
             # Reused pool, different data.
             more = random_outputs(np.random.default_rng(4), num_images=3, num_slots=5)
             self.assertEqual(converter.convert(more, label_map),

@@ -59,7 +59,8 @@ class EvaluatorTest(tf.test.TestCase):
         # The post-processor turns them into COCO metrics over all 13 images.
         post = evaluator_lib.PostProcessor(self.annotations, num_processes=1)
         try:
-            metrics, results = post.run(two)
+            metrics, columns = post.run(two)
+            results = columns.to_dicts()
         finally:
             post.close()
         self.assertLen(metrics["bbox"], 12)
@@ -90,7 +91,8 @@ class SubsetScoringTest(tf.test.TestCase):
         subset = sorted(ground_truth.getImgIds())[5:21]
         post = evaluator_lib.PostProcessor(COCO128_JSON)
         try:
-            metrics, results = post.run(gt_as_outputs(ground_truth, subset))
+            metrics, columns = post.run(gt_as_outputs(ground_truth, subset))
+            results = columns.to_dicts()
         finally:
             post.close()
         self.assertEqual(metrics["num_images"], 16)
