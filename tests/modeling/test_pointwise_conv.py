@@ -23,6 +23,15 @@ def _pair(dtype, strides, padding, channels=6, filters=5, use_bias=True, seed=0)
     return keras, ours
 
 
+def _float64_twin(conv):
+    """A float64 Keras Conv2D of `conv`'s config holding its weights (exactly: float32 values are
+    float64 values), built for [None, 9, 7, C] inputs."""
+    twin = tf_keras.layers.Conv2D.from_config({**conv.get_config(), "dtype": "float64"})
+    twin.build([None, 9, 7, conv.kernel.shape[2]])
+    twin.set_weights([w.astype(np.float64) for w in conv.get_weights()])
+    return twin
+
+
 class PointwiseConv2DTest(tf.test.TestCase):
 
     def test_values_and_gradients_equal_conv2d_in_float64(self):
@@ -52,8 +61,7 @@ class PointwiseConv2DTest(tf.test.TestCase):
     def test_float32_within_the_rounding_bound_eager_and_compiled(self):
         keras, ours = _pair("float32", 2, "valid", channels=256, filters=8)
         x = tf.constant(np.random.default_rng(2).normal(size=[2, 9, 7, 256]), tf.float32)
-        keras64, _ = _pair("float64", 2, "valid", channels=256, filters=8)
-        keras64.set_weights([w.astype(np.float64) for w in keras.get_weights()])
+        keras64 = _float64_twin(keras)
         exact = keras64(tf.cast(x, tf.float64)).numpy()
         keras64.set_weights([np.abs(w) for w in keras64.get_weights()])
         bound = numerics.sum_of_products_bound(keras64(tf.abs(tf.cast(x, tf.float64))), 257)
