@@ -197,6 +197,8 @@ def main():
                 data_dir, backbone, graph_dir,
                 [f"run.max_steps = {args.no_xla_steps}", "run.jit_compile = False",
                  "run.eval_annotations_file = None"])
+        # When the runs ended: --report_only reports it, not the time of the report.
+        measured["measured_at"] = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
         with open(runs_json, "w", encoding="utf-8") as handle:
             json.dump(measured, handle)
     with open(runs_json, encoding="utf-8") as handle:
@@ -237,7 +239,8 @@ def main():
     if other_failures:
         failures.append("compliance checker: " + "; ".join(f.text for f in other_failures))
 
-    print(f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on "
+    measured_at = measured.get("measured_at", "(time not recorded by this runs.json)")
+    print(f"Measured {measured_at} UTC on "
           f"{cpu_model()}, {os.cpu_count()} cores, {mem_total_gib():.0f} GiB; tensorflow "
           f"{package_version('tensorflow')}. coco128: {args.train_images} train images, "
           f"{args.val_images} val images; batch 2; backbone calibrated on 16 train images.\n")
