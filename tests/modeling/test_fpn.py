@@ -8,10 +8,10 @@ import tensorflow as tf
 import tf_keras
 
 from official_maskrcnn.modeling.decoders import fpn as fpn_lib
+from tests import numerics
 
 R50_CHANNELS = (256, 512, 1024, 2048)
 R18_CHANNELS = (64, 128, 256, 512)
-FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
 def _backbone_features(height, width, channels, batch=1, seed=0):
@@ -144,7 +144,7 @@ class FPNTest(tf.test.TestCase):
             kernel, bias = conv.get_weights()
             bound = np.sqrt(3.0 / fan_in)
             # The initializer's float32 limit and scaling round twice: 2 float32 ulps over.
-            self.assertLessEqual(np.abs(kernel).max(), bound * (1 + 2 * FLOAT32_EPS))
+            self.assertLessEqual(np.abs(kernel).max(), bound + numerics.ulps(bound, 2))
             self.assertGreater(np.abs(kernel).max(), 0.99 * bound)
             self.assertAllClose(kernel.std(), bound / np.sqrt(3.0), rtol=0.02)
             self.assertAllEqual(bias, np.zeros_like(bias))

@@ -15,7 +15,6 @@ from official_maskrcnn.ops import anchors as anchors_lib
 from tests import numerics
 
 MIXED = tf_keras.mixed_precision.Policy("mixed_bfloat16")
-FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
 def _random(shape, seed=0):
@@ -181,7 +180,7 @@ class BoxHeadTest(tf.test.TestCase):
             kernel = dense.kernel.numpy()
             bound = np.sqrt(3.0 / fan_in)  # kaiming_uniform_(a=1)
             # The initializer's float32 limit and scaling round twice: 2 float32 ulps over.
-            self.assertLessEqual(np.abs(kernel).max(), bound * (1 + 2 * FLOAT32_EPS))
+            self.assertLessEqual(np.abs(kernel).max(), bound + numerics.ulps(bound, 2))
             self.assertAllClose(kernel.std(), bound / np.sqrt(3.0), rtol=0.02)
         self.assertAllClose(layer._cls_score.kernel.numpy().std(), 0.01, rtol=0.05)
         self.assertAllClose(layer._bbox_pred.kernel.numpy().std(), 0.001, rtol=0.05)
