@@ -2,6 +2,7 @@
 coco128 results and on hard cases; pycocotools stays the reference here."""
 
 import copy
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -134,6 +135,103 @@ class BackendEqualityTest(tf.test.TestCase):
             coco_metrics.load_ground_truth(COCO128_JSON, backend="fast")
 
 
+def _fresh_faster_ground_truth(ground_truth):
+    """A faster_coco_eval COCO of `ground_truth`'s dataset, no annotation converted yet."""
+    coco_metrics._faster_coco_eval()
+    import faster_coco_eval
+    return faster_coco_eval.COCO(copy.deepcopy(ground_truth.dataset),
+                                 print_function=lambda *args, **kwargs: None)
+
+
+class RleReuseTest(tf.test.TestCase):
+    """faster_coco_eval converts each segmentation to its 'rle' once: the ground truth's at its
+    first evaluation, the results' never (they are compressed RLE already); the stats equal the
+    unmodified library's bit for bit."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.ground_truth = coco_metrics.load_ground_truth(COCO128_JSON)
+        cls.image_ids = sorted(cls.ground_truth.getImgIds())[:24]
+        cls.results = perturbed_results(cls.ground_truth, cls.image_ids, seed=7)
+        import faster_coco_eval.core.mask as faster_mask
+        cls.faster_mask = faster_mask
+
+    def _converted_counts(self, ground_truth, iou_types=("segm",)):
+        """(metrics, [(annotations handed to the C conversion, compute_rle), per call]) of one
+        evaluation."""
+        native = self.faster_mask._mask
+        calls = []
+
+        def record(annotations, image_sizes, compute_rle, *args):
+            calls.append((len(annotations), compute_rle))
+            return original(annotations, image_sizes, compute_rle, *args)
+
+        original = native.calculateRleForAllAnnotations
+        with mock.patch.object(native, "calculateRleForAllAnnotations", record):
+            metrics = coco_metrics.evaluate(ground_truth, self.results, self.image_ids,
+                                            iou_types=iou_types, backend="faster_coco_eval")
+        return metrics, calls
+
+    def test_ground_truth_converted_once_results_never(self):
+        ground_truth = _fresh_faster_ground_truth(self.ground_truth)
+        num_objects = len(ground_truth.getAnnIds(imgIds=self.image_ids))
+        first, calls = self._converted_counts(ground_truth)
+        self.assertEqual(calls, [(num_objects, True), (0, True)])  # ground truth, results
+        second, calls = self._converted_counts(ground_truth)
+        self.assertEqual(calls, [(0, True), (0, True)])
+        self.assertEqual(second["segm"], first["segm"])
+        _, calls = self._converted_counts(ground_truth, iou_types=("bbox",))
+        self.assertEqual([compute for _, compute in calls], [False, False])  # box IoU: no RLE
+
+    def test_stats_equal_the_unmodified_library(self):
+        coco_metrics._faster_coco_eval()
+        reused = coco_metrics.evaluate(_fresh_faster_ground_truth(self.ground_truth),
+                                       self.results, self.image_ids, backend="faster_coco_eval")
+        calls, library_function = [], self.faster_mask.calculateRleForAllAnnotations.__wrapped__
+
+        def stock(*args):  # the library's own, converting every annotation
+            calls.append(len(args[0]))
+            return library_function(*args)
+
+        stock.reuses_rles = True  # so that `_faster_coco_eval` leaves it in place
+        with mock.patch.object(self.faster_mask, "calculateRleForAllAnnotations", stock):
+            converted = coco_metrics.evaluate(_fresh_faster_ground_truth(self.ground_truth),
+                                              self.results, self.image_ids,
+                                              backend="faster_coco_eval")
+        self.assertEqual(calls[-1], len(self.results))  # the results were converted
+        self.assertEqual(reused["bbox"], converted["bbox"])
+        self.assertEqual(reused["segm"], converted["segm"])
+        self.assertGreater(reused["segm"]["AP"], 0.1)
+
+    def test_results_with_bytes_counts(self):
+        as_bytes = [dict(r, segmentation=dict(r["segmentation"],
+                                              counts=r["segmentation"]["counts"].encode()))
+                    for r in self.results]
+        reference = coco_metrics.evaluate(COCO128_JSON, self.results, self.image_ids,
+                                          iou_types=("segm",))
+        fast = coco_metrics.evaluate(COCO128_JSON, as_bytes, self.image_ids,
+                                     iou_types=("segm",), backend="faster_coco_eval")
+        for name in coco_metrics.STAT_NAMES:
+            self.assertAllClose(fast["segm"][name], reference["segm"][name], rtol=0,
+                                atol=TOLERANCE, msg=name)
+
+    def test_boundary_conversion_is_left_whole(self):
+        calls = []
+        wrapper = coco_metrics._reusing_rles(lambda annotations, *args: calls.append(
+            [ann["id"] for ann in annotations]))
+        annotations = [{"id": 1, "rle": {}}, {"id": 2}]
+        wrapper(annotations, {}, True, False, 0.02, 1)
+        wrapper(annotations, {}, True, True, 0.02, 1)  # boundary IoU: needs more than 'rle'
+        wrapper(annotations, {}, False, False, 0.02, 1)
+        self.assertEqual(calls, [[2], [1, 2], [1, 2]])
+        coco_metrics._faster_coco_eval()
+        coco_metrics._faster_coco_eval()  # installed once, not wrapped twice
+        installed = self.faster_mask.calculateRleForAllAnnotations
+        self.assertTrue(installed.reuses_rles)
+        self.assertFalse(getattr(installed.__wrapped__, "reuses_rles", False))
+
+
 class CategoryShardTest(tf.test.TestCase):
     """COCOeval in category shards (how several processes score) gives `evaluate`'s stats bit for
     bit, with either back end."""
@@ -172,6 +270,9 @@ class CategoryShardTest(tf.test.TestCase):
                                                       num_shards)
                 parts = [coco_metrics.accumulate(COCO128_JSON, self.results, self.image_ids,
                                                  shard, backend=backend) for shard in shards]
+                # Precision only at maxDets 100 (the stats read no other), recall at all 3.
+                self.assertEqual(parts[0]["segm"]["precision"].shape[-1], 1)
+                self.assertEqual(parts[0]["segm"]["recall"].shape[-1], 3)
                 joined = coco_metrics.summarize(parts[::-1], backend=backend)  # any order
                 for iou_type in coco_metrics.IOU_TYPES:
                     self.assertEqual(joined[iou_type], whole[iou_type],
