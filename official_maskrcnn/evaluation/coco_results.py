@@ -17,19 +17,20 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import sys
+import threading
 import time
 import types
 
 import numpy as np
 
-from official_maskrcnn.evaluation import coco_metrics
+from official_maskrcnn.evaluation import coco_metrics, shared_arrays
 from official_maskrcnn.evaluation.mask_pasting import (  # noqa: F401 (re-exported)
     MASK_PADDING,
     encode_masks,
     expanded_int_boxes,
     paste_masks,
-    pasted_rle_counts,
     pasted_rles,
+    pasted_rles_with_geometry,
 )
 from official_maskrcnn.ops.conventions import TO_REMOVE
 from tfrecord_tools import coco_index
@@ -96,29 +97,46 @@ class ResultColumns:
       scores: [n] float32.
       mask_sizes: [n, 2] int64 (H, W) of each mask's image, or None (results without masks).
       mask_counts: list of n compressed RLE 'counts' strings, or None (without masks).
+      mask_areas: [n] int64 pixels of each mask, or None (not known: computed from the RLE
+        when needed).
+      mask_bboxes: [n, 4] float64 [x, y, w, h] of each mask's pixels (zeros: empty mask), or
+        None with mask_areas. The paster knows both (`mask_pasting.pasted_masks`): the segm
+        scoring takes them instead of decoding every RLE again
+        (`coco_metrics.accumulate(mask_geometry=...)`).
     """
 
     def __init__(self, image_ids, category_ids, boxes, scores, mask_sizes=None,
-                 mask_counts=None):
+                 mask_counts=None, mask_areas=None, mask_bboxes=None):
         self.image_ids = np.asarray(image_ids, np.int64).reshape(-1)
         self.category_ids = np.asarray(category_ids, np.int64).reshape(-1)
         self.boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         self.scores = np.asarray(scores, np.float32).reshape(-1)
         if (mask_sizes is None) != (mask_counts is None):
             raise ValueError("mask_sizes and mask_counts go together (both or neither)")
+        if (mask_areas is None) != (mask_bboxes is None):
+            raise ValueError("mask_areas and mask_bboxes go together (both or neither)")
+        if mask_areas is not None and mask_counts is None:
+            raise ValueError("mask_areas and mask_bboxes need the masks (mask_counts)")
         self.mask_sizes = (None if mask_sizes is None else
                            np.asarray(mask_sizes, np.int64).reshape(-1, 2))
         self.mask_counts = None if mask_counts is None else list(mask_counts)
+        self.mask_areas = (None if mask_areas is None else
+                           np.asarray(mask_areas, np.int64).reshape(-1))
+        self.mask_bboxes = (None if mask_bboxes is None else
+                            np.asarray(mask_bboxes, np.float64).reshape(-1, 4))
         lengths = {len(self.image_ids), len(self.category_ids), len(self.boxes),
                    len(self.scores)}
         if self.has_masks:
             lengths |= {len(self.mask_sizes), len(self.mask_counts)}
+        if self.has_mask_geometry:
+            lengths |= {len(self.mask_areas), len(self.mask_bboxes)}
         if len(lengths) != 1:
             raise ValueError(f"result columns of different lengths: {sorted(lengths)}")
 
     @classmethod
     def empty(cls, include_masks=True):
-        masks = (np.zeros([0, 2], np.int64), []) if include_masks else (None, None)
+        masks = ((np.zeros([0, 2], np.int64), [], np.zeros([0], np.int64),
+                  np.zeros([0, 4], np.float64)) if include_masks else ())
         return cls(np.zeros([0], np.int64), np.zeros([0], np.int64), np.zeros([0, 4], np.float32),
                    np.zeros([0], np.float32), *masks)
 
@@ -126,22 +144,30 @@ class ResultColumns:
     def has_masks(self):
         return self.mask_counts is not None
 
+    @property
+    def has_mask_geometry(self):
+        return self.mask_areas is not None
+
     def __len__(self):
         return len(self.image_ids)
 
     @classmethod
     def concatenate(cls, parts, include_masks=True):
-        """The results of `parts` one after the other (no parts: empty, with masks or not)."""
+        """The results of `parts` one after the other (no parts: empty, with masks or not). The
+        mask geometry is kept when every part has it."""
         parts = list(parts)
         if not parts:
             return cls.empty(include_masks)
         with_masks = {part.has_masks for part in parts}
         if len(with_masks) != 1:
             raise ValueError("cannot join result columns with and without masks")
-        masks = (None, None)
+        masks = ()
         if parts[0].has_masks:
             masks = (np.concatenate([part.mask_sizes for part in parts]),
                      [counts for part in parts for counts in part.mask_counts])
+            if all(part.has_mask_geometry for part in parts):
+                masks += (np.concatenate([part.mask_areas for part in parts]),
+                          np.concatenate([part.mask_bboxes for part in parts]))
         return cls(np.concatenate([part.image_ids for part in parts]),
                    np.concatenate([part.category_ids for part in parts]),
                    np.concatenate([part.boxes for part in parts]),
@@ -150,12 +176,21 @@ class ResultColumns:
     def take(self, positions):
         """The results at `positions` (int array), in that order."""
         positions = np.asarray(positions, np.int64).reshape(-1)
-        masks = (None, None)
+        masks = ()
         if self.has_masks:
             masks = (self.mask_sizes[positions],
                      [self.mask_counts[i] for i in positions.tolist()])
-        return ResultColumns(self.image_ids[positions], self.category_ids[positions],
-                             self.boxes[positions], self.scores[positions], *masks)
+            if self.has_mask_geometry:
+                masks += (self.mask_areas[positions], self.mask_bboxes[positions])
+        return type(self)(self.image_ids[positions], self.category_ids[positions],
+                          self.boxes[positions], self.scores[positions], *masks)
+
+    def mask_geometry(self):
+        """[(area, [x, y, w, h])] of the masks (`coco_metrics.accumulate`'s mask_geometry:
+        Python ints and floats, as pycocotools' `area` and `toBbox` give them), or None."""
+        if not self.has_mask_geometry:
+            return None
+        return list(zip(self.mask_areas.tolist(), self.mask_bboxes.tolist()))
 
     def to_dicts(self):
         """[{image_id, category_id, bbox [x, y, w, h], score[, segmentation {size: [H, W],
@@ -188,12 +223,14 @@ def _image_columns(outputs, index, label_to_category, mask_threshold, include_ma
                          f"category (the label map has labels 1..{max(label_to_category)})")
     boxes_xyxy = original_boxes_xyxy(outputs["detection_boxes"][index][keep],
                                      outputs["scale"][index])
-    masks = (None, None)
+    masks = ()
     if include_masks:
         height, width = (int(v) for v in outputs["original_size"][index])
-        counts = pasted_rle_counts(outputs["detection_masks"][index][keep], boxes_xyxy, height,
-                                   width, mask_threshold)
-        masks = (np.tile(np.array([height, width], np.int64), (keep.size, 1)), counts)
+        counts, areas, bboxes = zip(*pasted_rles_with_geometry(
+            outputs["detection_masks"][index][keep], boxes_xyxy, height, width,
+            mask_threshold))
+        masks = (np.tile(np.array([height, width], np.int64), (keep.size, 1)), counts, areas,
+                 bboxes)
     return ResultColumns(np.full(keep.size, image_id, np.int64),
                          [label_to_category[label] for label in classes[keep].tolist()],
                          coco_boxes(boxes_xyxy), outputs["detection_scores"][index][keep],
@@ -239,15 +276,21 @@ def accumulate_columns(annotations_file, columns, image_ids, category_ids, iou_t
     """`coco_metrics.accumulate` of results given as `ResultColumns` (a worker's part of the
     scoring: the dicts are built here, not in the process that sent the columns)."""
     return coco_metrics.accumulate(annotations_file, columns.to_dicts(), image_ids,
-                                   category_ids, iou_types, backend)
+                                   category_ids, iou_types, backend, columns.mask_geometry())
 
 
-def _split(outputs, num_chunks):
-    """outputs -> up to num_chunks dicts of consecutive images (numpy views, in order)."""
-    num_images = len(outputs["source_id"])
-    bounds = np.linspace(0, num_images, num_chunks + 1).round().astype(int)
-    return [{key: value[start:stop] for key, value in outputs.items()}
-            for start, stop in zip(bounds[:-1], bounds[1:]) if stop > start]
+def _chunk_bounds(num_images, num_chunks):
+    """Up to num_chunks (start, stop) ranges of consecutive images, in order, none empty."""
+    bounds = np.linspace(0, num_images, num_chunks + 1).round().astype(int).tolist()
+    return [(start, stop) for start, stop in zip(bounds[:-1], bounds[1:]) if stop > start]
+
+
+def _shared_masks_chunk_columns(masks_ref, start, stop, chunk, label_to_category,
+                                mask_threshold):
+    """A worker's `detections_to_columns` of `chunk` (the outputs of images start..stop without
+    their masks), reading the masks [N, T, M, M] of all images from shared memory in place."""
+    chunk = dict(chunk, detection_masks=shared_arrays.read(masks_ref)[start:stop])
+    return detections_to_columns(chunk, label_to_category, mask_threshold, include_masks=True)
 
 
 @contextlib.contextmanager
@@ -268,8 +311,10 @@ class ResultConverter:
     """`detections_to_coco` over a pool of worker processes that lives across calls.
 
     Processes are started with the 'spawn' method (safe next to TensorFlow's threads) and import
-    only this module (numpy, pycocotools), so they start in about a second, once. Use as a context
-    manager or call `close()`.
+    only this module (numpy, pycocotools), so they start in about a second, once. The mask
+    probabilities reach them through a shared memory block (`shared_arrays`, reused across
+    calls, as large as the largest call's masks) when /dev/shm has room, else pickled with
+    their chunks. One call at a time (others wait). Use as a context manager or call `close()`.
 
     Args:
       num_processes: worker processes; <= 1 converts in the calling process.
@@ -281,6 +326,8 @@ class ResultConverter:
         self.num_processes = int(num_processes)
         self.chunks_per_process = int(chunks_per_process)
         self._executor = None
+        self._shared_masks = shared_arrays.SharedBuffer()
+        self._lock = threading.Lock()
         if self.num_processes > 1:
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 max_workers=self.num_processes, mp_context=multiprocessing.get_context("spawn"))
@@ -303,12 +350,28 @@ class ResultConverter:
         if self._executor is None:
             return detections_to_columns(outputs, label_to_category, mask_threshold,
                                          include_masks)
-        chunks = _split(outputs, self.num_processes * self.chunks_per_process)
-        futures = [self._executor.submit(detections_to_columns, chunk, label_to_category,
-                                         mask_threshold, include_masks) for chunk in chunks]
-        # Submission order = image order.
-        return ResultColumns.concatenate([future.result() for future in futures],
-                                         include_masks)
+        bounds = _chunk_bounds(len(outputs["source_id"]),
+                               self.num_processes * self.chunks_per_process)
+        with self._lock:  # the shared block holds one call's masks
+            masks_ref = (self._shared_masks.put(outputs["detection_masks"]) if include_masks
+                         else None)
+            if masks_ref is None:  # the masks, if any, are pickled with their chunks
+                tasks = [(detections_to_columns,
+                          {key: value[start:stop] for key, value in outputs.items()},
+                          label_to_category, mask_threshold, include_masks)
+                         for start, stop in bounds]
+            else:
+                tasks = [(_shared_masks_chunk_columns, masks_ref, start, stop,
+                          {key: value[start:stop] for key, value in outputs.items()
+                           if key != "detection_masks"}, label_to_category, mask_threshold)
+                         for start, stop in bounds]
+            futures = [self._executor.submit(*task) for task in tasks]
+            try:
+                # Submission order = image order.
+                return ResultColumns.concatenate([future.result() for future in futures],
+                                                 include_masks)
+            finally:
+                concurrent.futures.wait(futures)  # none reads the block after this call
 
     def submit(self, fn, *args):
         """Runs fn(*args) in a worker; returns a future."""
@@ -320,6 +383,7 @@ class ResultConverter:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._shared_masks.close()
 
     def __enter__(self):
         return self

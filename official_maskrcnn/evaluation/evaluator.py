@@ -120,7 +120,7 @@ def _score(converter, columns, annotations_file, image_ids, backend):
     objects; the result dicts are built in the workers)."""
     if converter.num_processes <= 1 or not len(columns):
         return coco_metrics.evaluate(annotations_file, columns.to_dicts(), image_ids=image_ids,
-                                     backend=backend)
+                                     backend=backend, mask_geometry=columns.mask_geometry())
     ground_truth = coco_metrics.load_ground_truth(annotations_file, backend)
     shards = coco_metrics.category_shards(ground_truth, columns.category_ids.tolist(),
                                           converter.num_processes)

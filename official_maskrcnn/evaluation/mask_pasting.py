@@ -94,11 +94,11 @@ def _paste(masks, boxes_xyxy, height, width, threshold):
     return _native().paste_rles(masks, boxes, height, width, float(threshold))
 
 
-def pasted_rle_counts(masks, boxes_xyxy, image_height, image_width, threshold=0.5):
-    """The 'counts' strings of `pasted_rles(...)` (each mask's RLE is {'size': [H, W],
-    'counts': that string}), without a dict per detection. Same arguments as `paste_masks`."""
-    return [counts for counts, _, _ in _paste(masks, boxes_xyxy, int(image_height),
-                                              int(image_width), threshold)]
+def pasted_rles_with_geometry(masks, boxes_xyxy, image_height, image_width, threshold=0.5):
+    """[(counts, area, [x, y, w, h])] of `pasted_masks(...)`: each mask's RLE 'counts' string,
+    pixel count and box (ints), without a dict per detection. Same arguments as
+    `paste_masks`."""
+    return _paste(masks, boxes_xyxy, int(image_height), int(image_width), threshold)
 
 
 def rle_areas_and_boxes(rles):

@@ -9,7 +9,7 @@ import tensorflow as tf
 from pycocotools import coco as coco_lib
 from pycocotools import mask as mask_util
 
-from official_maskrcnn.evaluation import coco_metrics
+from official_maskrcnn.evaluation import coco_metrics, coco_results
 from official_maskrcnn.evaluation import evaluator as evaluator_lib
 from tests.evaluation.test_coco_metrics import gt_as_outputs, perturbed_results
 from tests.evaluation.test_coco_results import COCO128_JSON, TENSORFLOW_LOADED
@@ -230,6 +230,40 @@ class RleReuseTest(tf.test.TestCase):
         installed = self.faster_mask.calculateRleForAllAnnotations
         self.assertTrue(installed.reuses_rles)
         self.assertFalse(getattr(installed.__wrapped__, "reuses_rles", False))
+
+
+class MaskGeometryTest(tf.test.TestCase):
+    """Masks' areas and boxes from the paster (`ResultColumns.mask_geometry`) give the stats of
+    those computed from the RLEs, bit for bit, in one evaluation and in shards."""
+
+    def test_same_stats_with_the_pasters_geometry(self):
+        ground_truth = coco_metrics.load_ground_truth(COCO128_JSON)
+        image_ids = sorted(ground_truth.getImgIds())[:20]
+        label_map = coco_results.label_to_category_id(
+            ground_truth.loadCats(ground_truth.getCatIds()))
+        columns = coco_results.detections_to_columns(gt_as_outputs(ground_truth, image_ids),
+                                                     label_map)
+        # Each object found twice: the second, unmatched, counts in its own area range.
+        columns = coco_results.ResultColumns.concatenate([columns, columns])
+        results, geometry = columns.to_dicts(), columns.mask_geometry()
+        for backend in coco_metrics.BACKENDS:
+            plain = coco_metrics.evaluate(COCO128_JSON, results, image_ids, backend=backend)
+            given = coco_metrics.evaluate(COCO128_JSON, results, image_ids, backend=backend,
+                                          mask_geometry=geometry)
+            self.assertEqual(given["segm"], plain["segm"], msg=backend)
+            shard = sorted({r["category_id"] for r in results})[::2]
+            self.assertAllEqual(
+                coco_metrics.accumulate(COCO128_JSON, results, image_ids, shard, ("segm",),
+                                        backend, geometry)["segm"]["precision"],
+                coco_metrics.accumulate(COCO128_JSON, results, image_ids, shard, ("segm",),
+                                        backend)["segm"]["precision"])
+        # The fast back end reads it (a wrong one changes the area splits); wrong length refused.
+        tiny = [(1, box) for _, box in geometry]
+        wrong = coco_metrics.evaluate(COCO128_JSON, results, image_ids,
+                                      backend="faster_coco_eval", mask_geometry=tiny)
+        self.assertNotEqual(wrong["segm"]["APl"], plain["segm"]["APl"])
+        with self.assertRaisesRegex(ValueError, r"mask_geometry: 2 entries for \d+ results"):
+            coco_metrics.evaluate(COCO128_JSON, results, image_ids, mask_geometry=geometry[:2])
 
 
 class CategoryShardTest(tf.test.TestCase):

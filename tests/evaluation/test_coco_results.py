@@ -5,12 +5,14 @@ import json
 import os
 import sys
 import tempfile
+from multiprocessing import shared_memory
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
 from pycocotools import mask as mask_util
 
-from official_maskrcnn.evaluation import coco_results
+from official_maskrcnn.evaluation import coco_results, shared_arrays
 
 COCO128_JSON = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
                             "coco128", "annotations", "instances_train2017.json")
@@ -281,6 +283,40 @@ class ResultColumnsTest(tf.test.TestCase):
             coco_results.ResultColumns([1, 2], [1, 1], np.zeros([2, 4]), [0.5])
         with self.assertRaisesRegex(ValueError, "both or neither"):
             coco_results.ResultColumns([1], [1], np.zeros([1, 4]), [0.5], mask_sizes=[[2, 2]])
+        masks = ([[2, 2]], ["04"])
+        with self.assertRaisesRegex(ValueError, "mask_areas and mask_bboxes go together"):
+            coco_results.ResultColumns([1], [1], np.zeros([1, 4]), [0.5], *masks, mask_areas=[0])
+        with self.assertRaisesRegex(ValueError, "need the masks"):
+            coco_results.ResultColumns([1], [1], np.zeros([1, 4]), [0.5], mask_areas=[0],
+                                       mask_bboxes=np.zeros([1, 4]))
+        with self.assertRaisesRegex(ValueError, r"different lengths: \[1, 2\]"):
+            coco_results.ResultColumns([1], [1], np.zeros([1, 4]), [0.5], *masks,
+                                       mask_areas=[0, 0], mask_bboxes=np.zeros([2, 4]))
+
+    def test_mask_geometry_is_that_of_the_rles(self):
+        # The paster's areas and boxes equal pycocotools' `area` and `toBbox` of the RLEs.
+        rles = [r["segmentation"] for r in self.dicts]
+        self.assertTrue(self.columns.has_mask_geometry)
+        self.assertEqual([area for area, _ in self.columns.mask_geometry()],
+                         mask_util.area(rles).tolist())
+        self.assertEqual([box for _, box in self.columns.mask_geometry()],
+                         mask_util.toBbox(rles).tolist())
+        self.assertIn(0, self.columns.mask_areas)  # empty masks among them: box [0, 0, 0, 0]
+        self.assertTrue(all(type(area) is int and all(type(v) is float for v in box)
+                            for area, box in self.columns.mask_geometry()))
+        # Carried through take and concatenate; dropped when a part lacks it.
+        positions = np.flatnonzero(self.columns.category_ids == 7)
+        part = self.columns.take(positions)
+        self.assertAllEqual(part.mask_areas, self.columns.mask_areas[positions])
+        self.assertAllEqual(part.mask_bboxes, self.columns.mask_bboxes[positions])
+        joined = coco_results.ResultColumns.concatenate([part, self.columns])
+        self.assertAllEqual(joined.mask_areas,
+                            np.concatenate([part.mask_areas, self.columns.mask_areas]))
+        plain = coco_results.ResultColumns(part.image_ids, part.category_ids, part.boxes,
+                                           part.scores, part.mask_sizes, part.mask_counts)
+        self.assertIsNone(plain.mask_geometry())
+        self.assertFalse(coco_results.ResultColumns.concatenate([part, plain]).has_mask_geometry)
+        self.assertTrue(coco_results.ResultColumns.empty().has_mask_geometry)
 
     def test_accumulate_columns_equals_accumulate_of_the_dicts(self):
         from official_maskrcnn.evaluation import coco_metrics
@@ -315,8 +351,19 @@ class ParallelConversionTest(tf.test.TestCase):
             more = random_outputs(np.random.default_rng(4), num_images=3, num_slots=5)
             self.assertEqual(converter.convert(more, label_map),
                              coco_results.detections_to_coco(more, label_map))
+            # Larger than the shared block so far: a new block, read by the same workers.
+            most = random_outputs(np.random.default_rng(5), num_images=14, num_slots=20)
+            self.assertEqual(converter.convert(most, label_map),
+                             coco_results.detections_to_coco(most, label_map))
+            # No room in /dev/shm: the masks are pickled with their chunks.
+            with mock.patch.object(shared_arrays.SharedBuffer, "put", return_value=None):
+                self.assertEqual(converter.convert(outputs, label_map), serial)
             # Workers never import TensorFlow (this test module does, so the check is a builtin).
             self.assertFalse(converter.submit(eval, TENSORFLOW_LOADED).result())
+            block = converter._shared_masks._block.name
+        self.assertFalse(converter._shared_masks._block)  # closed with the converter
+        with self.assertRaises(FileNotFoundError):
+            shared_memory.SharedMemory(name=block)
         self.assertEqual(coco_results.convert_in_processes(outputs, label_map, 2), serial)
 
     def test_workers_do_not_import_the_parents_main_module(self):
