@@ -126,13 +126,12 @@ def _score(converter, columns, annotations_file, image_ids, backend):
                                           converter.num_processes)
     # Every result's category is in a shard, one the ground truth lacks too: that shard's
     # check names it.
-    futures = [converter.submit(coco_results.accumulate_columns, annotations_file,
-                                columns.take(np.flatnonzero(np.isin(columns.category_ids,
-                                                                    shard))),
-                                image_ids, shard, coco_metrics.IOU_TYPES, backend)
-               for shard in shards]
-    return coco_metrics.summarize([future.result() for future in futures],
-                                  coco_metrics.IOU_TYPES, backend)
+    payloads = [(columns.take(np.flatnonzero(np.isin(columns.category_ids, shard))), shard)
+                for shard in shards]
+    return coco_metrics.summarize(
+        converter.map_shared(coco_results.accumulate_shard, payloads, annotations_file,
+                             image_ids, coco_metrics.IOU_TYPES, backend),
+        coco_metrics.IOU_TYPES, backend)
 
 
 def _postprocess(converter, outputs, label_to_category, annotations_file, image_ids, backend):

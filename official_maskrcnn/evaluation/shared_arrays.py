@@ -1,10 +1,11 @@
-"""Large numpy arrays handed to worker processes through one reused POSIX shared memory block.
+"""Large numpy arrays handed to worker processes through a reused POSIX shared memory block.
 
 `ResultConverter` sends each worker the mask probabilities of its images: [N, T, M, M] float32,
-40 MB for 128 images of 100 detections, 1.6 GB for val2017. Pickled into a
-`ProcessPoolExecutor` they pass through one feeder thread and one pipe, and a worker waits
-~10 ms for each chunk while the other processes hold the cores (measured: a fifth of the
-2-process conversion). Copied into shared memory, a task carries only the block's name.
+40 MB for 128 images of 100 detections, 1.6 GB for val2017; and each scoring worker its
+category shard's results (a few MB pickled). Pickled into a `ProcessPoolExecutor` they pass
+through one feeder thread and a 64 kB pipe, the worker waiting ~10 ms per MB while the other
+processes hold the cores (measured: a fifth of the 2-process conversion). Copied into shared
+memory, a task carries only the block's name and an offset.
 
 The block is reused from one evaluation to the next (grown when an array does not fit): a new
 block per call costs its page faults again in this process and in every worker, as much as the
@@ -27,8 +28,11 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-# A worker's handle of an array in shared memory (picklable).
-ArrayRef = collections.namedtuple("ArrayRef", ["block_name", "shape", "dtype"])
+# A worker's handle of an array in shared memory (picklable): the `SharedBuffer` it came from
+# (`buffer_id`), its current block, byte offset, shape and dtype.
+ArrayRef = collections.namedtuple("ArrayRef",
+                                  ["buffer_id", "block_name", "offset", "shape", "dtype"])
+_ALIGNMENT = 64  # bytes between the starts of arrays in a block (a cache line)
 
 
 class SharedBuffer:
@@ -37,21 +41,35 @@ class SharedBuffer:
     def __init__(self):
         self._block = None
         self._lock = threading.Lock()
+        self._id = f"{os.getpid()}:{id(self)}"
 
     def put(self, array):
         """Copies `array` into the block (a bigger block replaces a small one): its `ArrayRef`,
         valid until the next `put` or `close`; None when /dev/shm has no room for it."""
-        array = np.ascontiguousarray(array)
+        refs = self.put_all([array])
+        return None if refs is None else refs[0]
+
+    def put_all(self, arrays):
+        """`put` of several arrays side by side: their `ArrayRef`s, or None (no room)."""
+        arrays = [np.ascontiguousarray(array) for array in arrays]
+        offsets = [0]
+        for array in arrays:
+            offsets.append(offsets[-1] + -(-array.nbytes // _ALIGNMENT) * _ALIGNMENT)
         with self._lock:
-            if self._block is None or self._block.size < array.nbytes:
+            if self._block is None or self._block.size < offsets[-1]:
                 self._release()
-                self._block = _new_block(max(array.nbytes, 1))
+                self._block = _new_block(max(offsets[-1], 1))
                 if self._block is None:
                     return None
-            view = np.ndarray(array.shape, array.dtype, buffer=self._block.buf)
-            view[...] = array
-            del view  # closing the block needs every view of its buffer released
-            return ArrayRef(self._block.name, array.shape, array.dtype.str)
+            refs = []
+            for array, offset in zip(arrays, offsets):
+                view = np.ndarray(array.shape, array.dtype, buffer=self._block.buf,
+                                  offset=offset)
+                view[...] = array
+                del view  # closing the block needs every view of its buffer released
+                refs.append(ArrayRef(self._id, self._block.name, offset, array.shape,
+                                     array.dtype.str))
+            return refs
 
     def close(self):
         with self._lock:
@@ -81,19 +99,19 @@ def _new_block(size):
     return block
 
 
-_mapped = {}  # in a worker: the block last read, by name
+_mapped = {}  # in a worker: {buffer id: the block of that buffer last read}
 
 
 def read(ref):
     """In a worker: the array of `ref`, mapped in place (read it, do not keep it beyond the
-    task: the next `put` overwrites it). The worker keeps the block mapped for the next task
-    and drops blocks the parent has replaced."""
-    block = _mapped.get(ref.block_name)
-    if block is None:
-        for name in list(_mapped):
+    task: the next `put` overwrites it). The worker keeps each buffer's block mapped for the
+    next task, and unmaps a block when its buffer has replaced it."""
+    block = _mapped.get(ref.buffer_id)
+    if block is None or block.name != ref.block_name:
+        if block is not None:
             try:
-                _mapped.pop(name).close()
+                block.close()
             except BufferError:  # a view is still alive: unmapped when collected
                 pass
-        block = _mapped[ref.block_name] = shared_memory.SharedMemory(name=ref.block_name)
-    return np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=block.buf)
+        block = _mapped[ref.buffer_id] = shared_memory.SharedMemory(name=ref.block_name)
+    return np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=block.buf, offset=ref.offset)

@@ -366,6 +366,21 @@ class ParallelConversionTest(tf.test.TestCase):
             shared_memory.SharedMemory(name=block)
         self.assertEqual(coco_results.convert_in_processes(outputs, label_map, 2), serial)
 
+    def test_map_shared(self):
+        payloads = [np.arange(n) for n in (3, 200_000, 0)] + [{"text": "x" * 10_000}]
+        with coco_results.ResultConverter(2) as converter:
+            self.assertEqual(converter.map_shared(repr, payloads), [repr(p) for p in payloads])
+            self.assertEqual(converter.map_shared(divmod, [7, 9], 4), [(1, 3), (2, 1)])
+            self.assertEqual(converter.map_shared(len, []), [])
+            with mock.patch.object(shared_arrays.SharedBuffer, "put_all", return_value=None):
+                self.assertEqual(converter.map_shared(repr, payloads),  # through the pipes
+                                 [repr(p) for p in payloads])
+            with self.assertRaisesRegex(ZeroDivisionError, "modulo by zero"):
+                converter.map_shared(divmod, [1, 2], 0)  # a worker's error reaches the caller
+            self.assertEqual(converter.map_shared(abs, [-2]), [2])  # and the pool goes on
+        with self.assertRaisesRegex(ValueError, "no worker processes"):
+            coco_results.ResultConverter(1).map_shared(abs, [1])
+
     def test_workers_do_not_import_the_parents_main_module(self):
         # Started with `python -m official_maskrcnn.train`, spawn would re-import the entry
         # (and TensorFlow) in every worker.

@@ -47,6 +47,31 @@ class SharedBufferTest(tf.test.TestCase):
         self.assertFalse(_block_exists(grown.block_name))
         self.buffer.close()  # twice is fine
 
+    def test_several_arrays_side_by_side(self):
+        arrays = [np.arange(5, dtype=np.uint8), np.ones((3, 7)), np.zeros(0, np.int32),
+                  np.frombuffer(b"payload", np.uint8)]
+        refs = self.buffer.put_all(arrays)
+        self.assertLen({ref.block_name for ref in refs}, 1)
+        self.assertTrue(all(ref.offset % 64 == 0 for ref in refs))  # aligned starts
+        for ref, array in zip(refs, arrays):
+            self.assertAllEqual(shared_arrays.read(ref), array)
+            self.assertEqual(shared_arrays.read(ref).dtype, array.dtype)
+        self.assertEqual(shared_arrays.read(refs[3]).tobytes(), b"payload")
+
+    def test_a_reader_maps_one_block_per_buffer(self):
+        other = shared_arrays.SharedBuffer()
+        self.addCleanup(other.close)
+        first, second = self.buffer.put(np.ones(4)), other.put(np.zeros(4))
+        for _ in range(2):  # alternating: both stay mapped
+            self.assertAllEqual(shared_arrays.read(first), np.ones(4))
+            self.assertAllEqual(shared_arrays.read(second), np.zeros(4))
+        self.assertEqual(shared_arrays._mapped[first.buffer_id].name, first.block_name)
+        self.assertEqual(shared_arrays._mapped[second.buffer_id].name, second.block_name)
+        grown = self.buffer.put(np.arange(1000.0))  # a new block replaces the mapped one
+        self.assertAllEqual(shared_arrays.read(grown), np.arange(1000.0))
+        self.assertEqual(shared_arrays._mapped[first.buffer_id].name, grown.block_name)
+        self.assertEqual(shared_arrays._mapped[second.buffer_id].name, second.block_name)
+
     def test_empty_array(self):
         ref = self.buffer.put(np.zeros((0, 100, 28, 28), np.float32))
         self.assertEqual(shared_arrays.read(ref).shape, (0, 100, 28, 28))
