@@ -2,8 +2,10 @@
 # TensorFlow and Python (3.11) match the pins in setup.cfg.
 #
 #   docker build -t official_maskrcnn .
-#   docker run --gpus all --rm -v /data/coco2017:/data -v /runs:/runs \
+#   docker run --gpus all --rm --shm-size=4g -v /data/coco2017:/data -v /runs:/runs \
 #       -e DATA_DIR=/data -e MODEL_DIR=/runs/r1 official_maskrcnn
+# (--shm-size: the eval workers read val2017's 1.6 GB of mask probabilities from /dev/shm;
+# Docker's default 64 MB makes them fall back to slower pipes.)
 FROM tensorflow/tensorflow:2.20.0-gpu
 
 # wget/unzip for download_dataset.sh; gcc and the Python headers for the package's one C

@@ -23,6 +23,7 @@ import time
 import types
 
 import numpy as np
+from absl import logging
 
 from official_maskrcnn.evaluation import coco_metrics, shared_arrays
 from official_maskrcnn.evaluation.mask_pasting import (  # noqa: F401 (re-exported)
@@ -342,6 +343,7 @@ class ResultConverter:
         self._executor = None
         self._shared_masks = shared_arrays.SharedBuffer()
         self._shared_payloads = shared_arrays.SharedBuffer()
+        self._warned_without_shared_memory = False
         self._lock = threading.Lock()
         if self.num_processes > 1:
             self._executor = concurrent.futures.ProcessPoolExecutor(
@@ -368,8 +370,10 @@ class ResultConverter:
         bounds = _chunk_bounds(len(outputs["source_id"]),
                                self.num_processes * self.chunks_per_process)
         with self._lock:  # the shared block holds one call's masks
-            masks_ref = (self._shared_masks.put(outputs["detection_masks"]) if include_masks
-                         else None)
+            masks_ref = None
+            if include_masks:
+                masks_ref = self._shared_masks.put(outputs["detection_masks"])
+                self._warn_once_without_shared_memory(masks_ref, outputs["detection_masks"])
             if masks_ref is None:  # the masks, if any, are pickled with their chunks
                 tasks = [(detections_to_columns,
                           {key: value[start:stop] for key, value in outputs.items()},
@@ -399,6 +403,7 @@ class ResultConverter:
                  for payload in payloads]
         with self._lock:  # the payload block holds one call's payloads
             refs = self._shared_payloads.put_all(blobs)
+            self._warn_once_without_shared_memory(refs, *blobs)
             if refs is None:
                 futures = [self._executor.submit(fn, payload, *args) for payload in payloads]
             else:
@@ -408,6 +413,14 @@ class ResultConverter:
                 return [future.result() for future in futures]
             finally:
                 concurrent.futures.wait(futures)  # none reads the block after this call
+
+    def _warn_once_without_shared_memory(self, refs, *arrays):
+        if refs is None and not self._warned_without_shared_memory:
+            self._warned_without_shared_memory = True
+            logging.warning(
+                "evaluation: no room in shared memory (/dev/shm) for %.1f MB: the workers get "
+                "their data through pipes instead (same results, slower; in Docker, give the "
+                "container --shm-size=4g)", sum(array.nbytes for array in arrays) / 2**20)
 
     def submit(self, fn, *args):
         """Runs fn(*args) in a worker; returns a future."""

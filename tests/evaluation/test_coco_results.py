@@ -356,8 +356,13 @@ class ParallelConversionTest(tf.test.TestCase):
             self.assertEqual(converter.convert(most, label_map),
                              coco_results.detections_to_coco(most, label_map))
             # No room in /dev/shm: the masks are pickled with their chunks.
-            with mock.patch.object(shared_arrays.SharedBuffer, "put", return_value=None):
+            with mock.patch.object(shared_arrays.SharedBuffer, "put", return_value=None), \
+                    self.assertLogs("absl", "WARNING") as logs:
                 self.assertEqual(converter.convert(outputs, label_map), serial)
+                self.assertEqual(converter.convert(outputs, label_map), serial)
+            self.assertLen(logs.output, 1)  # said once
+            self.assertRegex(logs.output[0], r"no room in shared memory \(/dev/shm\) for "
+                             r"0\.3 MB.*pipes.*--shm-size")
             # Workers never import TensorFlow (this test module does, so the check is a builtin).
             self.assertFalse(converter.submit(eval, TENSORFLOW_LOADED).result())
             block = converter._shared_masks._block.name
