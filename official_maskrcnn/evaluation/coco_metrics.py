@@ -54,6 +54,9 @@ _STAT_ROWS = (("AP", None, "all", 100), ("AP", 0.5, "all", 100), ("AP", 0.75, "a
 _RESULT_KEYS = {"bbox": ("image_id", "category_id", "bbox", "score"),
                 "segm": ("image_id", "category_id", "segmentation", "score")}
 _capture_lock = threading.Lock()
+# COCOeval's default parameters (IoU thresholds, area ranges, maxDets [1, 10, 100]), which every
+# evaluation here uses; the same for bbox and segm.
+_DEFAULT_PARAMS = cocoeval_lib.Params(iouType="segm")
 
 
 @contextlib.contextmanager
@@ -306,9 +309,10 @@ def summarize(accumulations, iou_types=IOU_TYPES, backend="pycocotools"):
     """The metrics of `evaluate` from the `accumulate` results of disjoint category shards.
 
     The shards' arrays are joined along the category axis in category order, exactly the arrays
-    one COCOeval over all categories accumulates, and the back end's own `summarize` averages
-    them: the stats equal `evaluate`'s bit for bit. (The precision of the smaller maxDets, not
-    sent, is filled with -1, "absent": no stat reads it.)
+    one COCOeval over all categories accumulates, and averaged as COCOeval's `summarize` does
+    (`_summary_stats`): the stats equal `evaluate`'s bit for bit, and pycocotools' own
+    `summarize` of one COCOeval bit for bit (tests/evaluation/test_coco_metrics.py).
+    faster_coco_eval's `summarize` is the same expression; `backend` is only checked.
     """
     check_backend(backend)
     category_ids = [c for accumulation in accumulations for c in accumulation["category_ids"]]
@@ -317,23 +321,50 @@ def summarize(accumulations, iou_types=IOU_TYPES, backend="pycocotools"):
     order = sorted(range(len(category_ids)), key=category_ids.__getitem__)
     metrics, tables = {}, []
     for iou_type in iou_types:
-        precision = np.concatenate([a[iou_type]["precision"] for a in accumulations],
+        precision = np.concatenate([a[iou_type]["precision"][..., -1] for a in accumulations],
                                    axis=2)[:, :, order]
         recall = np.concatenate([a[iou_type]["recall"] for a in accumulations],
                                 axis=1)[:, order]
-        with _captured_pycocotools_output() as buffer:
-            evaluator = _new_evaluator(None, None, iou_type, backend)
-            evaluator.params.catIds = sorted(category_ids)
-            absent = np.full(precision.shape[:-1] + (recall.shape[-1] - 1,), -1.0)
-            evaluator.eval = {"precision": np.concatenate([absent, precision], axis=-1),
-                              "recall": recall}
-            evaluator.summarize()
-        stats = dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats[:len(STAT_NAMES)])))
-        metrics[iou_type] = stats
-        table = buffer.getvalue() if backend == "pycocotools" else _format_table(stats)
-        tables.append(f"{iou_type}:\n{table}")
+        metrics[iou_type] = _summary_stats(precision, recall)
+        tables.append(f"{iou_type}:\n{_format_table(metrics[iou_type])}")
     metrics["summary_text"] = "".join(tables)
     return metrics
+
+
+def _summary_stats(precision, recall):
+    """COCOeval's 12 summary stats (`summarize` of default parameters) from its arrays: each the
+    mean of the selected values above -1 ("absent"), -1.0 when none is, with COCOeval's
+    selections in its element order, so the same numpy mean gives the same bits.
+
+    Args:
+      precision: [T, R, K, A] precision at the largest maxDets (100), the only one AP reads.
+      recall: [T, K, A, M].
+    Returns:
+      {stat name (STAT_NAMES): float}.
+    """
+    params = _DEFAULT_PARAMS
+
+    def mean_above_absent(values):
+        values = values[values > -1]
+        return float(np.mean(values)) if values.size else -1.0
+
+    def average_precision(iou=None, area="all"):
+        values = precision[:, :, :, params.areaRngLbl.index(area)]
+        if iou is not None:
+            values = values[np.where(iou == params.iouThrs)[0]]
+        return mean_above_absent(values)
+
+    def average_recall(max_dets, area="all"):
+        return mean_above_absent(recall[:, :, params.areaRngLbl.index(area),
+                                        params.maxDets.index(max_dets)])
+
+    few, some, most = params.maxDets
+    return dict(zip(STAT_NAMES, (
+        average_precision(), average_precision(0.5), average_precision(0.75),
+        average_precision(area="small"), average_precision(area="medium"),
+        average_precision(area="large"), average_recall(few), average_recall(some),
+        average_recall(most), average_recall(most, "small"), average_recall(most, "medium"),
+        average_recall(most, "large"))))
 
 
 def category_shards(ground_truth, result_categories, num_shards):

@@ -1,7 +1,9 @@
 """Tests for official_maskrcnn.evaluation.coco_metrics, and the round trip ground truth ->
 model-style outputs -> coco_results -> COCOeval on real COCO images (coco128)."""
 
+import contextlib
 import copy
+import io
 import os
 
 import numpy as np
@@ -148,6 +150,25 @@ class CocoMetricsTest(tf.test.TestCase):
         self.assertEqual(coco_metrics.format_stats_table(metrics), metrics["summary_text"])
         self.assertIn("maxDets=100 ] = ", metrics["summary_text"])
         self.assertLen(metrics["summary_text"].splitlines(), 26)
+
+    def test_summary_stats_equal_pycocotools_summarize(self):
+        # Random arrays with absent (-1) entries, whole areas absent, and one stat with no
+        # value at all: pycocotools' own summarize of them, bit for bit.
+        rng = np.random.default_rng(8)
+        shape = (10, 101, 7, 4, 3)
+        precision = np.where(rng.random(shape) < 0.3, -1.0, rng.random(shape))
+        recall = np.where(rng.random((10, 7, 4, 3)) < 0.3, -1.0, rng.random((10, 7, 4, 3)))
+        precision[:, :, :, 1] = -1.0  # no small object at all: APs is -1
+        recall[:, :, 3] = -1.0  # ARl is -1
+        precision[:, :, :, :, :2] = 5.0  # maxDets 1 and 10: read by no AP stat
+        evaluator = cocoeval.COCOeval(iouType="segm")
+        evaluator.eval = {"precision": precision, "recall": recall}
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            evaluator.summarize()
+        stats = coco_metrics._summary_stats(precision[..., -1], recall)
+        self.assertEqual(list(stats.values()), [float(v) for v in evaluator.stats])
+        self.assertEqual((stats["APs"], stats["ARl"]), (-1.0, -1.0))
+        self.assertEqual(coco_metrics._format_table(stats), printed.getvalue())
 
     def test_images_without_detections_count(self):
         half = self.image_ids[:64]
