@@ -8,6 +8,7 @@ one-process post-processing side by side).
 Exact command (from the repository root)::
 
     .venv/bin/python benchmarks/bench_eval_postprocess.py --repeats 3
+    .venv/bin/python benchmarks/bench_eval_postprocess.py --repeats 3 --copies 4  # 512 images
 
 Detections: for each of coco128's 128 real images (resized as the reference: shorter side 800,
 longer at most 1333), 100 per image: every non-crowd ground-truth object with its box jittered
@@ -55,7 +56,30 @@ def parse_args(argv):
     parser.add_argument("--detections", type=int, default=100, help="per image")
     parser.add_argument("--annotations", default=COCO128_JSON)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--copies", type=int, default=1,
+                        help="evaluate K copies of the annotations' images (new ids, same "
+                             "pixels and objects): how the costs scale past 128 images")
     return parser.parse_args(argv)
+
+
+def write_copies(annotations, copies, directory):
+    """The annotation JSON with every image (and its objects) `copies` times, under new ids
+    (copy k adds k x a power of ten above every id): a larger eval set of the same images.
+    Returns its path."""
+    import json
+    with open(annotations, encoding="utf-8") as handle:
+        dataset = json.load(handle)
+    offset = 10 ** len(str(max(entry["id"] for entry in
+                               dataset["images"] + dataset["annotations"])))
+    images, objects = [], []
+    for k in range(copies):
+        images += [dict(image, id=image["id"] + k * offset) for image in dataset["images"]]
+        objects += [dict(ann, id=ann["id"] + k * offset, image_id=ann["image_id"] + k * offset)
+                    for ann in dataset["annotations"]]
+    path = os.path.join(directory, f"copies{copies}.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(dict(dataset, images=images, annotations=objects), handle)
+    return path
 
 
 def _resize(array, size, box=None):
@@ -247,6 +271,9 @@ class Burner:
 
 def main(argv):
     args = parse_args(argv)
+    if args.copies > 1:
+        import tempfile
+        args.annotations = write_copies(args.annotations, args.copies, tempfile.mkdtemp())
     from official_maskrcnn.evaluation import coco_metrics, coco_results
     from official_maskrcnn.evaluation import evaluator as evaluator_lib
     ground_truth = coco_metrics.load_ground_truth(args.annotations)
@@ -307,7 +334,8 @@ def main(argv):
           f"faster-coco-eval {package_version('faster-coco-eval')}, numpy "
           f"{package_version('numpy')}, tf-models-official "
           f"{package_version('tf-models-official')}.\n\n"
-          f"Data: coco128, {num_images} images x {args.detections} detections, "
+          f"Data: coco128{f' x {args.copies} copies' if args.copies > 1 else ''}, "
+          f"{num_images} images x {args.detections} detections, "
           f"{args.repeats} interleaved repeats.\n")
     print("Stages, one process, idle (ms / image, median):\n\n| stage | ms / image | all repeats "
           "(ms / image) |\n|---|---:|---|")
