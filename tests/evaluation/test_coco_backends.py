@@ -136,11 +136,9 @@ class BackendEqualityTest(tf.test.TestCase):
 
 
 def _fresh_faster_ground_truth(ground_truth):
-    """A faster_coco_eval COCO of `ground_truth`'s dataset, no annotation converted yet."""
-    coco_metrics._faster_coco_eval()
-    import faster_coco_eval
-    return faster_coco_eval.COCO(copy.deepcopy(ground_truth.dataset),
-                                 print_function=lambda *args, **kwargs: None)
+    """A faster_coco_eval COCO of the pycocotools COCO `ground_truth` (a copy of its dataset,
+    as `evaluate` makes it), no annotation converted yet."""
+    return coco_metrics._as_backend_ground_truth(ground_truth, "faster_coco_eval")
 
 
 class RleReuseTest(tf.test.TestCase):
@@ -185,7 +183,6 @@ class RleReuseTest(tf.test.TestCase):
         self.assertEqual([compute for _, compute in calls], [False, False])  # box IoU: no RLE
 
     def test_stats_equal_the_unmodified_library(self):
-        coco_metrics._faster_coco_eval()
         reused = coco_metrics.evaluate(_fresh_faster_ground_truth(self.ground_truth),
                                        self.results, self.image_ids, backend="faster_coco_eval")
         calls, library_function = [], self.faster_mask.calculateRleForAllAnnotations.__wrapped__
