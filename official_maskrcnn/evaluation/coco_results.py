@@ -384,13 +384,8 @@ class ResultConverter:
                           {key: value[start:stop] for key, value in outputs.items()
                            if key != "detection_masks"}, label_to_category, mask_threshold)
                          for start, stop in bounds]
-            futures = [self._executor.submit(*task) for task in tasks]
-            try:
-                # Submission order = image order.
-                return ResultColumns.concatenate([future.result() for future in futures],
-                                                 include_masks)
-            finally:
-                concurrent.futures.wait(futures)  # none reads the block after this call
+            # Task order = image order.
+            return ResultColumns.concatenate(self._run_all(tasks), include_masks)
 
     def map_shared(self, fn, payloads, *args):
         """[fn(payload, *args) for payload in payloads], run in the workers. The payloads go
@@ -405,14 +400,18 @@ class ResultConverter:
             refs = self._shared_payloads.put_all(blobs)
             self._warn_once_without_shared_memory(refs, *blobs)
             if refs is None:
-                futures = [self._executor.submit(fn, payload, *args) for payload in payloads]
-            else:
-                futures = [self._executor.submit(_call_with_shared_payload, fn, ref, *args)
-                           for ref in refs]
-            try:
-                return [future.result() for future in futures]
-            finally:
-                concurrent.futures.wait(futures)  # none reads the block after this call
+                return self._run_all([(fn, payload, *args) for payload in payloads])
+            return self._run_all([(_call_with_shared_payload, fn, ref, *args) for ref in refs])
+
+    def _run_all(self, tasks):
+        """The results of tasks (fn, *args) run in the workers, in task order. Returns (or
+        raises the first task's error) only once every task has ended: none reads a shared
+        block after the caller releases it."""
+        futures = [self._executor.submit(*task) for task in tasks]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            concurrent.futures.wait(futures)
 
     def _warn_once_without_shared_memory(self, refs, *arrays):
         if refs is None and not self._warned_without_shared_memory:
